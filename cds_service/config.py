@@ -1,0 +1,93 @@
+"""Service settings, read from `PAIN_CDS_*` environment variables and CLI flags."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+PREFIX = "PAIN_CDS_"
+
+
+def _as_bool(value: str) -> bool:
+    return value.strip().lower() in {"1", "true", "yes", "on"}
+
+
+def _as_list(value: str) -> list[str]:
+    return [item.strip() for item in value.split(",") if item.strip()]
+
+
+@dataclass
+class Settings:
+    """Every setting of the service; each field maps to `PAIN_CDS_<NAME>`.
+
+    Add a field here (with a default and a `help` in its metadata) rather than reading
+    the environment anywhere else, so that `pain-cds serve --help` and the README's
+    configuration table stay complete.
+    """
+
+    host: str = field(default="127.0.0.1", metadata={"help": "address to listen on"})
+    port: int = field(default=8080, metadata={"help": "port to listen on"})
+    workers: int = field(default=2, metadata={"help": "WSGI worker processes"})
+    public_url: str = field(
+        default="",
+        metadata={
+            "help": "public base URL of the service (JWT audience); "
+            "defaults to http://HOST:PORT"
+        },
+    )
+    database_url: str = field(
+        default="sqlite:///pain-cds.sqlite",
+        metadata={"help": "SQLAlchemy URL for the audit and feedback record"},
+    )
+    cors_origins: list[str] = field(
+        default_factory=lambda: ["*"],
+        metadata={"help": "comma-separated origins allowed by CORS"},
+    )
+    plan_name: str = field(
+        default="EmblemHealth",
+        metadata={"help": "insurer name shown as card source.label"},
+    )
+    fhir_timeout: float = field(
+        default=3.0, metadata={"help": "seconds per FHIR request to the EHR"}
+    )
+    fhir_deadline: float = field(
+        default=4.0, metadata={"help": "seconds for the whole FHIR fallback fetch"}
+    )
+    fhir_page_cap: int = field(
+        default=10, metadata={"help": "most `next` pages followed per query"}
+    )
+    max_body_bytes: int = field(
+        default=5_000_000, metadata={"help": "largest request body accepted"}
+    )
+    log_level: str = field(default="INFO", metadata={"help": "logging level"})
+
+    @classmethod
+    def from_env(cls, environ: dict[str, str] | None = None, **overrides: Any):
+        """Build settings from the environment, then apply explicit overrides."""
+        environ = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for item in fields(cls):
+            raw = environ.get(PREFIX + item.name.upper())
+            if raw is None:
+                continue
+            values[item.name] = _convert(item, raw)
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)
+
+    @property
+    def base_url(self) -> str:
+        return (self.public_url or f"http://{self.host}:{self.port}").rstrip("/")
+
+
+def _convert(item, raw: str) -> Any:
+    default = item.default_factory() if callable(item.default_factory) else item.default
+    if isinstance(default, bool):
+        return _as_bool(raw)
+    if isinstance(default, int):
+        return int(raw)
+    if isinstance(default, float):
+        return float(raw)
+    if isinstance(default, list):
+        return _as_list(raw)
+    return raw
