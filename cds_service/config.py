@@ -48,6 +48,13 @@ class Settings:
         default="EmblemHealth",
         metadata={"help": "insurer name shown as card source.label"},
     )
+    guideline_url: str = field(
+        default="",
+        metadata={
+            "help": "public URL of the plan's Pain Management guideline, linked "
+            "from every card (no link when empty)"
+        },
+    )
     fhir_timeout: float = field(
         default=3.0, metadata={"help": "seconds per FHIR request to the EHR"}
     )
@@ -61,6 +68,56 @@ class Settings:
         default=5_000_000, metadata={"help": "largest request body accepted"}
     )
     log_level: str = field(default="INFO", metadata={"help": "logging level"})
+    log_format: str = field(
+        default="json", metadata={"help": "log line format: json or text"}
+    )
+    evaluation_date: str = field(
+        default="",
+        metadata={
+            "help": "judge orders as of this date (YYYY-MM-DD) instead of today's "
+            "UTC date; for tests and what-if runs only"
+        },
+    )
+    graceful_timeout: int = field(
+        default=30,
+        metadata={
+            "help": "seconds a stopping worker gets to finish the calls in flight "
+            "(SIGTERM)"
+        },
+    )
+    auth: bool = field(
+        default=True,
+        metadata={
+            "help": "verify the CDS Hooks JWT on every call; `off` is for "
+            "development only"
+        },
+    )
+    trusted_issuers: str = field(
+        default="",
+        metadata={
+            "help": "trusted JWT issuers with their JWKS: JSON, or a path to a "
+            "JSON or YAML file"
+        },
+    )
+    dev_trust_sandbox: bool = field(
+        default=False,
+        metadata={
+            "help": "DEVELOPMENT ONLY: trust the public CDS Hooks sandbox "
+            "issuer, whose signing key is published"
+        },
+    )
+    jwt_leeway: int = field(
+        default=30, metadata={"help": "seconds of clock skew allowed on exp/iat/nbf"}
+    )
+    jwt_max_lifetime: int = field(
+        default=3600, metadata={"help": "longest JWT lifetime (exp - iat) accepted"}
+    )
+    jwks_timeout: float = field(
+        default=3.0, metadata={"help": "seconds to fetch an issuer's JWKS"}
+    )
+    jwks_cache_seconds: int = field(
+        default=300, metadata={"help": "seconds a fetched JWKS is kept"}
+    )
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None, **overrides: Any):

@@ -142,6 +142,10 @@ class PatientRecord:
     unavailable: set[DataCategory] = field(default_factory=set)
     # Categories for which the record holds any answer at all (possibly empty).
     retrieved: set[DataCategory] = field(default_factory=set)
+    # Resources with at least one coding the EHR returned per category, counted
+    # before irrelevant ones are skipped: "no radiculopathy on record" means
+    # something only when the record holds coded conditions at all.
+    received_coded: dict[DataCategory, int] = field(default_factory=dict)
 
 
 # --- Determinations ------------------------------------------------------------------

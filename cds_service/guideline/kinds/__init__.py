@@ -1,0 +1,1 @@
+"""Criterion kinds: each module registers its evaluators with `register_kind`."""

@@ -1,0 +1,175 @@
+"""Criterion kinds that read the patient's conditions (problem list, diagnoses)."""
+
+from __future__ import annotations
+
+import logging
+
+from marshmallow import Schema, fields, validate
+
+from cds_service.guideline.criteria import (
+    Context,
+    Finding,
+    condition_evidence,
+    condition_label,
+    days_between,
+    ignored_note,
+    match_conditions,
+    register_kind,
+    unavailable,
+)
+from cds_service.model import DataCategory, State
+
+logger = logging.getLogger(__name__)
+
+_VS_LIST = fields.List(fields.String(), validate=validate.Length(min=1))
+
+
+def _titles(valuesets) -> str:
+    titles = [vs.title for vs in valuesets]
+    if len(titles) == 1:
+        return titles[0]
+    return ", ".join(titles[:-1]) + " or " + titles[-1]
+
+
+def _found(conditions) -> str:
+    parts = []
+    for cond in conditions:
+        codes = ", ".join(c.code for c in cond.codings)
+        since = (
+            f" since {cond.first_evidence.isoformat()}" if cond.first_evidence else ""
+        )
+        parts.append(f"{condition_label(cond)} ({codes}){since}")
+    return "; ".join(parts)
+
+
+def _text_only_note(ctx: Context) -> str:
+    count = sum(1 for c in ctx.record.conditions if not c.codings and c.text)
+    if not count:
+        return ""
+    return f" {count} condition(s) recorded as text only could not be assessed."
+
+
+def _holds_coded_conditions(ctx: Context) -> bool:
+    # The record builder counts coded conditions before it drops irrelevant ones;
+    # records built otherwise only have their facts to go by.
+    if ctx.record.received_coded.get(DataCategory.CONDITIONS):
+        return True
+    return any(c.codings for c in ctx.record.conditions)
+
+
+class ConditionPresentParams(Schema):
+    any_of = fields.List(
+        fields.String(), required=True, validate=validate.Length(min=1)
+    )
+    min_duration_days = fields.Integer(
+        load_default=None, validate=validate.Range(min=0)
+    )
+    counter_evidence = fields.List(fields.String(), load_default=None)
+    counter_explanation = fields.String(load_default=None)
+
+
+@register_kind(
+    "condition-present",
+    ConditionPresentParams,
+    valuesets=("any_of", "counter_evidence"),
+    data=(DataCategory.CONDITIONS,),
+)
+def condition_present(params: dict, ctx: Context) -> Finding:
+    """Met by a current condition from the value sets (held long enough, if asked)."""
+    if missing := unavailable(ctx, DataCategory.CONDITIONS):
+        return missing
+    wanted = _titles(params["any_of"])
+    found = match_conditions(ctx, params["any_of"])
+    note = ignored_note(found.ignored)
+    if not found.current:
+        counter = params.get("counter_evidence")
+        if counter:
+            against = match_conditions(ctx, counter).current
+            if against:
+                return Finding(
+                    State.NOT_MET,
+                    (params.get("counter_explanation") or f"No {wanted} on record.")
+                    + note,
+                    tuple(condition_evidence(c) for c in against),
+                )
+        return Finding(
+            State.NOT_DOCUMENTED,
+            f"No current {wanted} on record.{note}{_text_only_note(ctx)}".strip(),
+        )
+
+    evidence = tuple(condition_evidence(c) for c in found.current)
+    min_days = params.get("min_duration_days")
+    if min_days is None:
+        return Finding(
+            State.MET, f"On record: {_found(found.current)}.{note}", evidence
+        )
+
+    dated = [c.first_evidence for c in found.current if c.first_evidence]
+    if not dated:
+        return Finding(
+            State.NOT_DOCUMENTED,
+            f"{wanted} is on record but without an onset or recorded date, so its "
+            f"duration (at least {min_days} days) cannot be established.",
+            evidence,
+        )
+    first = min(dated)
+    held = days_between(first, ctx.on)
+    if held >= min_days:
+        return Finding(
+            State.MET,
+            f"On record: {_found(found.current)}; {held} days (at least {min_days} "
+            f"required).{note}",
+            evidence,
+        )
+    return Finding(
+        State.NOT_MET,
+        f"{wanted} since {first.isoformat()} is only {held} days old; at least "
+        f"{min_days} days are required.{note}",
+        evidence,
+    )
+
+
+class ConditionAbsentParams(Schema):
+    any_of = fields.List(
+        fields.String(), required=True, validate=validate.Length(min=1)
+    )
+    unless_any_of = fields.List(fields.String(), load_default=None)
+    require_conditions = fields.Boolean(load_default=True)
+
+
+@register_kind(
+    "condition-absent",
+    ConditionAbsentParams,
+    valuesets=("any_of", "unless_any_of"),
+    data=(DataCategory.CONDITIONS,),
+)
+def condition_absent(params: dict, ctx: Context) -> Finding:
+    """Met when no current condition from the value sets is on record."""
+    if missing := unavailable(ctx, DataCategory.CONDITIONS):
+        return missing
+    unwanted = _titles(params["any_of"])
+    found = match_conditions(ctx, params["any_of"])
+    note = ignored_note(found.ignored)
+    if found.current:
+        evidence = tuple(condition_evidence(c) for c in found.current)
+        unless = params.get("unless_any_of")
+        if unless:
+            overriding = match_conditions(ctx, unless).current
+            if overriding:
+                return Finding(
+                    State.MET,
+                    f"{_found(found.current)} is on record, but so is "
+                    f"{_found(overriding)}, taken as the source of the pain.",
+                    evidence + tuple(condition_evidence(c) for c in overriding),
+                )
+        return Finding(
+            State.NOT_MET, f"On record: {_found(found.current)}.{note}", evidence
+        )
+
+    if params["require_conditions"] and not _holds_coded_conditions(ctx):
+        return Finding(
+            State.NOT_DOCUMENTED,
+            "The record holds no coded conditions, so the absence of "
+            f"{unwanted} cannot be confirmed.{_text_only_note(ctx)}",
+        )
+    return Finding(State.MET, f"No current {unwanted} on record.{note}")

@@ -1,0 +1,174 @@
+"""The CDS Hooks request envelope: marshmallow schemas and the `HookRequest`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from marshmallow import (
+    EXCLUDE,
+    Schema,
+    ValidationError,
+    fields,
+    validate,
+    validates_schema,
+)
+
+from cds_service.errors import Issue, ServiceError
+
+ORDER_SELECT = "order-select"
+ORDER_SIGN = "order-sign"
+
+# An order form signs a handful of orders; same-day rules compare every pair, so
+# a bound keeps one hostile call from occupying a worker for minutes.
+MAX_DRAFT_ORDERS = 100
+
+# Invariant ord-1 of the hook library: userId and selections are `Type/id`.
+_REFERENCE = validate.Regexp(
+    r"^[A-Z][A-Za-z]+/[A-Za-z0-9\-\.]{1,64}$",
+    error="must be a relative reference of the form Type/id",
+)
+
+
+class _Lenient(Schema):
+    class Meta:
+        # Unknown fields and extensions are ignored, as CRD (found-33) asks.
+        unknown = EXCLUDE
+
+
+class FhirAuthorizationSchema(_Lenient):
+    access_token = fields.Str(required=True, validate=validate.Length(min=1))
+    token_type = fields.Str(load_default="Bearer")
+    expires_in = fields.Int()
+    scope = fields.Str()
+    subject = fields.Str()
+    patient = fields.Str()
+
+
+class DraftOrdersField(fields.Dict):
+    """`context.draftOrders`: a Bundle, with or without its `type`."""
+
+    def _deserialize(self, value, attr, data, **kwargs):
+        bundle = super()._deserialize(value, attr, data, **kwargs)
+        if bundle.get("resourceType") != "Bundle":
+            raise ValidationError("must be a FHIR Bundle of draft orders")
+        entries = bundle.get("entry")
+        if isinstance(entries, list) and len(entries) > MAX_DRAFT_ORDERS:
+            raise ValidationError(
+                f"holds {len(entries)} draft orders; at most {MAX_DRAFT_ORDERS} "
+                "are judged in one call"
+            )
+        return bundle
+
+
+class OrderContextSchema(_Lenient):
+    userId = fields.Str(validate=_REFERENCE)
+    patientId = fields.Str(required=True, validate=validate.Length(min=1))
+    encounterId = fields.Str()
+    draftOrders = DraftOrdersField(required=True)
+
+
+class OrderSelectContextSchema(OrderContextSchema):
+    selections = fields.List(fields.Str(validate=_REFERENCE), required=True)
+
+
+class HookRequestSchema(_Lenient):
+    hook = fields.Str(required=True)
+    hookInstance = fields.Str(required=True, validate=validate.Length(min=1))
+    fhirServer = fields.Url(
+        require_tld=False, schemes={"http", "https"}, allow_none=True
+    )
+    fhirAuthorization = fields.Nested(FhirAuthorizationSchema, allow_none=True)
+    context = fields.Nested(OrderContextSchema, required=True)
+    prefetch = fields.Dict(
+        keys=fields.Str(), values=fields.Raw(allow_none=True), allow_none=True
+    )
+    extension = fields.Dict(keys=fields.Str(), allow_none=True)
+
+    @validates_schema(skip_on_field_errors=False)
+    def _token_needs_server(self, data, **kwargs):
+        if data.get("fhirAuthorization") and not data.get("fhirServer"):
+            raise ValidationError(
+                "is required when fhirAuthorization is sent", "fhirServer"
+            )
+
+
+class OrderSelectRequestSchema(HookRequestSchema):
+    context = fields.Nested(OrderSelectContextSchema, required=True)
+
+
+SCHEMAS = {ORDER_SELECT: OrderSelectRequestSchema(), ORDER_SIGN: HookRequestSchema()}
+
+
+@dataclass(frozen=True)
+class HookRequest:
+    """A validated order-select or order-sign call."""
+
+    hook: str
+    hook_instance: str
+    patient_id: str
+    draft_orders: dict
+    selections: tuple[str, ...] | None = None
+    user_id: str | None = None
+    encounter_id: str | None = None
+    fhir_server: str | None = None
+    access_token: str | None = field(default=None, repr=False)
+    prefetch: dict = field(default_factory=dict)
+    extension: dict = field(default_factory=dict)
+
+
+def load_hook_request(body: object, hook: str) -> HookRequest:
+    """Validate `body` as a call of `hook`; raise 400 naming every wrong field."""
+    if not isinstance(body, dict):
+        raise ServiceError(400, "Request body must be a JSON object")
+    sent_hook = body.get("hook")
+    if isinstance(sent_hook, str) and sent_hook != hook:
+        raise ServiceError(
+            400,
+            Issue(
+                f"This service answers the {hook} hook, not {sent_hook}",
+                expression="hook",
+                code="not-supported",
+            ),
+        )
+
+    try:
+        data = SCHEMAS[hook].load(body)
+    except ValidationError as error:
+        raise ServiceError(400, list(_issues(error.messages))) from None
+
+    context = data["context"]
+    authorization = data.get("fhirAuthorization") or {}
+    selections = context.get("selections")
+    return HookRequest(
+        hook=hook,
+        hook_instance=data["hookInstance"],
+        patient_id=context["patientId"],
+        draft_orders=context["draftOrders"],
+        selections=tuple(selections) if selections is not None else None,
+        user_id=context.get("userId"),
+        encounter_id=context.get("encounterId"),
+        fhir_server=data.get("fhirServer"),
+        access_token=authorization.get("access_token"),
+        prefetch=data.get("prefetch") or {},
+        extension=data.get("extension") or {},
+    )
+
+
+def _issues(messages, path: str = ""):
+    """Flatten marshmallow's nested error dict into one Issue per wrong field."""
+    if isinstance(messages, dict):
+        for key, value in messages.items():
+            if key == "_schema":
+                child = path
+            elif isinstance(key, int):
+                child = f"{path}[{key}]"
+            else:
+                child = f"{path}.{key}" if path else key
+            yield from _issues(value, child)
+        return
+    for message in messages if isinstance(messages, list) else [messages]:
+        if isinstance(message, (dict, list)):
+            yield from _issues(message, path)
+        else:
+            where = path or "body"
+            yield Issue(f"{where}: {message}", expression=path or None)

@@ -1,0 +1,63 @@
+"""Request body limits: size (also for chunked uploads) and JSON nesting depth."""
+
+from __future__ import annotations
+
+import logging
+
+from flask import Flask, Request, request
+from werkzeug.exceptions import BadRequest, RequestEntityTooLarge
+
+logger = logging.getLogger(__name__)
+
+
+class NestedTooDeeply(BadRequest):
+    description = "Request body is nested too deeply"
+
+
+class BoundedRequest(Request):
+    """A Flask request that refuses oversized and too deeply nested JSON bodies.
+
+    With a Content-Length, werkzeug refuses an oversized body itself. A chunked
+    body (no Content-Length) is instead cut silently at `MAX_CONTENT_LENGTH`
+    (werkzeug's LimitedStream on servers that set `wsgi.input_terminated`, such as
+    gunicorn), which would surface as "invalid JSON" rather than "too large".
+
+    JSON nested deeper than the interpreter's recursion limit makes the decoder
+    raise RecursionError, which Flask does not treat as a parse error; it is
+    turned into a 400 once, and later silent reads (the audit) get None.
+    """
+
+    _nested_too_deeply = False
+
+    def get_data(self, *args, **kwargs):
+        data = super().get_data(*args, **kwargs)
+        limit = self.max_content_length
+        if self.content_length is None and limit is not None and len(data) >= limit:
+            raise RequestEntityTooLarge()
+        return data
+
+    def get_json(self, force=False, silent=False, cache=True):
+        if self._nested_too_deeply:
+            if silent:
+                return None
+            raise NestedTooDeeply()
+        try:
+            return super().get_json(force=force, silent=silent, cache=cache)
+        except RecursionError:
+            self._nested_too_deeply = True
+            raise NestedTooDeeply() from None
+
+
+def init_app(app: Flask) -> None:
+    """Check the body of every JSON call once, after authentication, before views.
+
+    Call after `auth.init_app` so that an unauthenticated body is never read. The
+    parsed body is cached, so the view's own `get_json` costs nothing more.
+    """
+    app.request_class = BoundedRequest
+
+    def check_body() -> None:
+        if request.method == "POST" and request.is_json:
+            request.get_json(silent=True)
+
+    app.before_request(check_body)

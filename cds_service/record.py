@@ -1,0 +1,468 @@
+"""Raw FHIR resources from prefetch or the EHR's server -> `PatientRecord` facts."""
+
+from __future__ import annotations
+
+import copy
+import logging
+import re
+from collections.abc import Callable, Iterable
+
+from fhir.resources.R4B import get_fhir_model_class
+from pydantic import ValidationError
+
+from cds_service.fhir_dates import first_date, is_naive_datetime, parse_date
+from cds_service.model import (
+    CodeSystem,
+    Coding,
+    ConditionFact,
+    CoverageFact,
+    DataCategory,
+    MedicationFact,
+    ObservationFact,
+    PatientRecord,
+    ProcedureFact,
+)
+from cds_service.orders import codings_of, concept_text
+
+logger = logging.getLogger(__name__)
+
+
+class Unavailable:
+    """Marks a category that could not be retrieved (server error, timeout...)."""
+
+    def __repr__(self) -> str:
+        return "UNAVAILABLE"
+
+
+UNAVAILABLE = Unavailable()
+
+# LOINC answer codes of the 0-10 numeric pain scale (LL2335-9), as listed in
+# shared/reference/codes.md section 3; an Observation may carry one of these in
+# valueCodeableConcept instead of a number.
+PAIN_SCALE_ANSWERS: dict[str, float] = {
+    "LA6111-4": 0,
+    "LA6112-2": 1,
+    "LA6113-0": 2,
+    "LA6114-8": 3,
+    "LA6115-5": 4,
+    "LA10137-0": 5,
+    "LA10138-8": 6,
+    "LA10139-6": 7,
+    "LA10140-4": 8,
+    "LA10141-2": 9,
+    "LA13942-0": 10,
+}
+
+# Panels whose score is the mean of their item components when the panel itself
+# carries no value: the PEG scale (LOINC 91147-9) is the mean of its three 0-10 items.
+MEAN_OF_COMPONENTS = {Coding(CodeSystem.LOINC, "91147-9")}
+
+# "7", "7/10", "7 / 10", "7 out of 10": the numerator is the score.
+_SCORE_TEXT = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(?:(?:/|out of)\s*10)?\s*$", re.I)
+
+_CATEGORY_OF_TYPE = {
+    "Condition": DataCategory.CONDITIONS,
+    "Procedure": DataCategory.PROCEDURES,
+    "Observation": DataCategory.OBSERVATIONS,
+    "MedicationRequest": DataCategory.MEDICATIONS,
+    "MedicationStatement": DataCategory.MEDICATIONS,
+    "Coverage": DataCategory.COVERAGE,
+    "Patient": DataCategory.PATIENT,
+}
+
+_MAX_REPAIRS = 5
+
+
+def build_record(
+    values: dict[DataCategory, object],
+    is_relevant: Callable[[Coding], bool],
+    patient_id: str | None = None,
+) -> PatientRecord:
+    """The facts in `values`, keeping only resources some criterion reads.
+
+    Each value is a resource, a searchset Bundle, an OperationOutcome, None (the
+    client has no data), `UNAVAILABLE`, or a tuple of these when several prefetch
+    keys feed one category (MedicationRequest and MedicationStatement).
+    """
+    record = PatientRecord(patient_id=patient_id)
+    seen: set[tuple[str, str]] = set()
+    for category, value in values.items():
+        parts = value if isinstance(value, tuple) else (value,)
+        complete = True
+        for part in parts:
+            resources, ok = _unpack(part)
+            complete = complete and ok
+            for resource in resources:
+                identity = (resource["resourceType"], resource.get("id"))
+                if isinstance(identity[1], str):
+                    if identity in seen:
+                        continue
+                    seen.add(identity)
+                if any(True for _ in _codes_read(resource)):
+                    count = record.received_coded.get(category, 0)
+                    record.received_coded[category] = count + 1
+                _add(record, resource, is_relevant)
+        if complete:
+            record.retrieved.add(category)
+        else:
+            record.unavailable.add(category)
+    return record
+
+
+def _unpack(value: object) -> tuple[list[dict], bool]:
+    """The resources inside a prefetch value, and False if it reports a failure."""
+    if value is None:
+        return [], True
+    if value is UNAVAILABLE:
+        return [], False
+    if isinstance(value, list):
+        items = value
+    elif isinstance(value, dict) and value.get("resourceType") == "Bundle":
+        items = value.get("entry") or []
+        items = [items] if isinstance(items, dict) else items
+    else:
+        items = [value]
+
+    resources, outcomes = [], []
+    for item in items if isinstance(items, list) else []:
+        # A value wrapped as a Bundle entry: {"fullUrl": ..., "resource": {...}}.
+        if isinstance(item, dict) and "resourceType" not in item:
+            item = item.get("resource")
+        if not isinstance(item, dict) or not isinstance(item.get("resourceType"), str):
+            continue
+        if item["resourceType"] == "OperationOutcome":
+            outcomes.append(item)
+        else:
+            resources.append(item)
+
+    failed = any(_is_error(outcome) for outcome in outcomes)
+    for outcome in outcomes:
+        logger.info("prefetch value carries an OperationOutcome: %s", _summary(outcome))
+    # An error outcome beside real results (a partial search) still yields them.
+    return resources, not (failed and not resources)
+
+
+def _is_error(outcome: dict) -> bool:
+    issues = outcome.get("issue") or []
+    issues = [issues] if isinstance(issues, dict) else issues
+    return any(
+        isinstance(issue, dict) and issue.get("severity") in {"error", "fatal"}
+        for issue in issues
+    )
+
+
+def _summary(outcome: dict) -> str:
+    issues = outcome.get("issue") or []
+    issues = [issues] if isinstance(issues, dict) else issues
+    return "; ".join(
+        f"{issue.get('severity')}/{issue.get('code')}"
+        for issue in issues
+        if isinstance(issue, dict)
+    )
+
+
+def _add(record: PatientRecord, resource: dict, is_relevant) -> None:
+    resource_type = resource["resourceType"]
+    if resource_type == "Patient":
+        if record.patient_id is None and isinstance(resource.get("id"), str):
+            record.patient_id = resource["id"]
+        return
+    if resource_type not in _CATEGORY_OF_TYPE:
+        return
+    if resource_type != "Coverage" and not any(
+        is_relevant(coding) for coding in _codes_read(resource)
+    ):
+        return
+
+    valid = validated(resource)
+    if valid is None:
+        return
+    reference = f"{resource_type}/{valid.get('id', '#')}"
+    if resource_type == "Condition":
+        record.conditions.append(_condition(valid, reference))
+    elif resource_type == "Procedure":
+        record.procedures.append(_procedure(valid, reference))
+    elif resource_type == "Observation":
+        record.observations.append(_observation(valid, reference))
+    elif resource_type in ("MedicationRequest", "MedicationStatement"):
+        record.medications.append(_medication(valid, reference))
+    else:
+        record.coverages.append(_coverage(valid, reference))
+
+
+def _codes_read(resource: dict) -> Iterable[Coding]:
+    """The codings by which a criterion could find this resource."""
+    resource_type = resource["resourceType"]
+    if resource_type == "Observation":
+        yield from codings_of(resource.get("code"))
+        for component in _as_list(resource.get("component")):
+            if isinstance(component, dict):
+                yield from codings_of(component.get("code"))
+    elif resource_type in ("MedicationRequest", "MedicationStatement"):
+        yield from codings_of(_medication_concept(resource))
+    else:
+        yield from codings_of(resource.get("code"))
+
+
+def validated(resource: dict) -> dict | None:
+    """`resource` checked against its FHIR R4B model, repaired where lenient.
+
+    Repairs are the quirks real clients send: a single object where R4 has an array,
+    unknown elements, and date-times without a zone. What is still invalid after
+    that is skipped and logged by type and id only (never its content).
+    """
+    resource_type = resource.get("resourceType")
+    try:
+        model = get_fhir_model_class(resource_type)
+    except KeyError:
+        return None
+
+    data = resource
+    for _ in range(_MAX_REPAIRS):
+        try:
+            model.model_validate(data)
+            return data
+        except ValidationError as error:
+            errors = error.errors()
+        if data is resource:
+            data = copy.deepcopy(resource)
+        if not _repair(data, errors):
+            break
+
+    first = errors[0]["loc"] if errors else ()
+    logger.warning(
+        "skipped invalid %s/%s: %d validation error(s), first at %s",
+        resource_type,
+        resource.get("id"),
+        len(errors),
+        ".".join(str(step) for step in first) or "(resource)",
+    )
+    return None
+
+
+def _repair(data: dict, errors: list[dict]) -> bool:
+    changed = False
+    for error in errors:
+        *path, last = error["loc"] or (None,)
+        parent = data
+        try:
+            for step in path:
+                parent = parent[step]
+            value = parent[last]
+        except (KeyError, IndexError, TypeError):
+            continue
+        if error["type"] == "list_type" and isinstance(value, dict):
+            parent[last] = [value]
+        elif error["type"] == "extra_forbidden":
+            del parent[last]
+        elif is_naive_datetime(value):
+            parent[last] = value.strip() + "Z"
+        else:
+            continue
+        changed = True
+    return changed
+
+
+def _as_list(value: object) -> list:
+    if value is None:
+        return []
+    return value if isinstance(value, list) else [value]
+
+
+def _status(value: object) -> str | None:
+    """A status as a code, whether sent as a code or a CodeableConcept."""
+    if isinstance(value, str):
+        return value
+    codings = codings_of(value)
+    return codings[0].code if codings else None
+
+
+def _period(value: object) -> tuple[object, object]:
+    if isinstance(value, dict):
+        return value.get("start"), value.get("end")
+    return None, None
+
+
+def _condition(resource: dict, reference: str) -> ConditionFact:
+    codings = codings_of(resource.get("code"))
+    onset_start, _ = _period(resource.get("onsetPeriod"))
+    abatement_start, abatement_end = _period(resource.get("abatementPeriod"))
+    return ConditionFact(
+        reference=reference,
+        codings=codings,
+        text=concept_text(resource.get("code"), codings),
+        clinical_status=_status(resource.get("clinicalStatus")),
+        verification_status=_status(resource.get("verificationStatus")),
+        onset=first_date(resource.get("onsetDateTime"), onset_start),
+        recorded=parse_date(resource.get("recordedDate")),
+        abatement=first_date(
+            resource.get("abatementDateTime"), abatement_end, abatement_start
+        ),
+    )
+
+
+def _procedure(resource: dict, reference: str) -> ProcedureFact:
+    codings = codings_of(resource.get("code"))
+    start, end = _period(resource.get("performedPeriod"))
+    outcome = resource.get("outcome")
+    notes = [
+        note.get("text")
+        for note in _as_list(resource.get("note"))
+        if isinstance(note, dict) and isinstance(note.get("text"), str)
+    ]
+    outcome_text = concept_text(outcome, codings_of(outcome))
+    texts = [text for text in [outcome_text, *notes] if text]
+    return ProcedureFact(
+        reference=reference,
+        codings=codings,
+        text=concept_text(resource.get("code"), codings),
+        status=_status(resource.get("status")),
+        performed=first_date(resource.get("performedDateTime"), start),
+        performed_end=parse_date(end),
+        outcome_codings=codings_of(outcome),
+        outcome_text="; ".join(texts) or None,
+    )
+
+
+def _observation(resource: dict, reference: str) -> ObservationFact:
+    codings = codings_of(resource.get("code"))
+    value, unit, text = observation_value(resource)
+    components = []
+    for component in _as_list(resource.get("component")):
+        if isinstance(component, dict):
+            components.append(
+                (codings_of(component.get("code")), observation_value(component)[0])
+            )
+    if (
+        value is None
+        and components
+        and MEAN_OF_COMPONENTS.intersection(Coding(c.system, c.code) for c in codings)
+    ):
+        items = [item for _, item in components]
+        if all(item is not None for item in items):
+            value = sum(items) / len(items)
+    start, _ = _period(resource.get("effectivePeriod"))
+    return ObservationFact(
+        reference=reference,
+        codings=codings,
+        status=_status(resource.get("status")),
+        effective=first_date(
+            resource.get("effectiveDateTime"),
+            start,
+            resource.get("effectiveInstant"),
+            resource.get("issued"),
+        ),
+        value=value,
+        unit=unit,
+        value_text=text,
+        components=tuple(components),
+    )
+
+
+def observation_value(element: dict) -> tuple[float | None, str | None, str | None]:
+    """(number, unit, text) of an Observation's or component's value[x]."""
+    for key in ("valueInteger", "valueDecimal"):
+        if isinstance(element.get(key), (int, float)) and not isinstance(
+            element.get(key), bool
+        ):
+            return float(element[key]), None, None
+
+    quantity = element.get("valueQuantity")
+    if isinstance(quantity, dict) and isinstance(quantity.get("value"), (int, float)):
+        unit = quantity.get("unit") or quantity.get("code")
+        return float(quantity["value"]), unit, None
+
+    concept = element.get("valueCodeableConcept")
+    if isinstance(concept, dict):
+        codings = codings_of(concept)
+        text = concept_text(concept, codings)
+        for coding in codings:
+            if coding.code in PAIN_SCALE_ANSWERS:
+                return float(PAIN_SCALE_ANSWERS[coding.code]), None, text
+        return None, None, text
+
+    text = element.get("valueString")
+    if isinstance(text, str):
+        match = _SCORE_TEXT.match(text)
+        return (float(match.group(1)) if match else None), None, text
+    return None, None, None
+
+
+def _medication_concept(resource: dict) -> object:
+    concept = resource.get("medicationCodeableConcept")
+    if concept is not None:
+        return concept
+    # A reference to a contained Medication ("#med1") carries the code there.
+    reference = resource.get("medicationReference")
+    target = reference.get("reference") if isinstance(reference, dict) else None
+    if isinstance(target, str) and target.startswith("#"):
+        for contained in _as_list(resource.get("contained")):
+            if isinstance(contained, dict) and contained.get("id") == target[1:]:
+                return contained.get("code")
+    return None
+
+
+def _medication(resource: dict, reference: str) -> MedicationFact:
+    concept = _medication_concept(resource)
+    codings = codings_of(concept)
+    text = concept_text(concept, codings)
+    if text is None and isinstance(resource.get("medicationReference"), dict):
+        text = resource["medicationReference"].get("display")
+
+    if resource["resourceType"] == "MedicationRequest":
+        dosages = _as_list(resource.get("dosageInstruction"))
+        timing = (
+            dosages[0].get("timing")
+            if dosages and isinstance(dosages[0], dict)
+            else None
+        )
+        repeat = timing.get("repeat") if isinstance(timing, dict) else None
+        bounds = repeat.get("boundsPeriod") if isinstance(repeat, dict) else None
+        bounds_start, bounds_end = _period(bounds)
+        dispense = resource.get("dispenseRequest")
+        validity = (
+            dispense.get("validityPeriod") if isinstance(dispense, dict) else None
+        )
+        start = first_date(resource.get("authoredOn"), bounds_start)
+        end = first_date(bounds_end, _period(validity)[1])
+    else:
+        period_start, period_end = _period(resource.get("effectivePeriod"))
+        start = first_date(
+            resource.get("effectiveDateTime"),
+            period_start,
+            resource.get("dateAsserted"),
+        )
+        end = parse_date(period_end)
+
+    return MedicationFact(
+        reference=reference,
+        codings=codings,
+        text=text,
+        status=_status(resource.get("status")),
+        start=start,
+        end=end,
+    )
+
+
+def _coverage(resource: dict, reference: str) -> CoverageFact:
+    start, end = _period(resource.get("period"))
+    plan_names = []
+    for item in _as_list(resource.get("class")):
+        if isinstance(item, dict):
+            plan_names += [
+                item[k] for k in ("value", "name") if isinstance(item.get(k), str)
+            ]
+    payor_names = [
+        payor["display"]
+        for payor in _as_list(resource.get("payor"))
+        if isinstance(payor, dict) and isinstance(payor.get("display"), str)
+    ]
+    return CoverageFact(
+        reference=reference,
+        type_codings=codings_of(resource.get("type")),
+        status=_status(resource.get("status")),
+        period_start=parse_date(start),
+        period_end=parse_date(end),
+        plan_names=tuple(plan_names),
+        payor_names=tuple(payor_names),
+    )

@@ -1,0 +1,177 @@
+"""Audit of every hook call and the JWT replay cache, on SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+import json
+import threading
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+from flask import Flask, Response, g, jsonify, request
+
+from cds_service import storage
+from cds_service.errors import Issue, ServiceError, register_error_handlers
+
+SECRET_TOKEN = "eyJhbGciOiJFUzM4NCJ9.c2VjcmV0LXRva2VuLW5ldmVyLXN0b3JlZA.sig"
+FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
+
+
+@pytest.fixture
+def audited_client(store):
+    """A bare app whose hook handler behaves like api.py: it sets g.audit_entry."""
+    app = Flask(__name__)
+    register_error_handlers(app)
+    storage.init_app(app, store=store)
+
+    @app.before_request
+    def refuse_without_token():
+        # Stands in for auth.init_app: a refused call never reaches the handler.
+        if request.method == "POST" and "Authorization" not in request.headers:
+            return Response(status=401)
+        return None
+
+    @app.post("/cds-services/<service_id>")
+    def hook(service_id):
+        body = request.get_json()
+        if body.get("hook") != "order-sign":
+            raise ServiceError(400, Issue("hook: wrong hook", expression="hook"))
+        g.audit_entry = {
+            "hook_instance": body["hookInstance"],
+            "service": service_id,
+            "hook": body["hook"],
+            "order_codes": ["64493", "97110"],
+            "determinations": [{"code": "64493", "outcome": "not-covered"}],
+            "card_summaries": ["Remove 64493 lumbar/sacral facet injection"],
+            "access_token": SECRET_TOKEN,  # must never reach the store
+        }
+        return jsonify({"cards": []})
+
+    @app.get("/cds-services")
+    def discovery():
+        return jsonify({"services": []})
+
+    return app.test_client()
+
+
+def call(client, body, token=True):
+    headers = {"Authorization": f"Bearer {SECRET_TOKEN}"} if token else {}
+    with client.post(
+        "/cds-services/pain-management-order-sign", json=body, headers=headers
+    ) as r:
+        return r.status_code
+
+
+def test_answered_call_is_recorded_with_every_field(audited_client, store):
+    before = datetime.now(UTC)
+    status = call(audited_client, {"hook": "order-sign", "hookInstance": "hi-1"})
+
+    assert status == 200
+    [row] = store.calls()
+    assert row["hook_instance"] == "hi-1"
+    assert row["service"] == "pain-management-order-sign"
+    assert row["hook"] == "order-sign"
+    assert row["order_codes"] == ["64493", "97110"]
+    assert row["determinations"] == [{"code": "64493", "outcome": "not-covered"}]
+    assert row["card_summaries"] == ["Remove 64493 lumbar/sacral facet injection"]
+    assert row["status"] == 200
+    assert 0 < row["duration_ms"] < 5000
+    assert before - timedelta(seconds=1) <= row["at"] <= datetime.now(UTC)
+
+
+def test_refused_and_rejected_calls_are_recorded_too(audited_client, store):
+    call(audited_client, {"hook": "order-select", "hookInstance": "hi-2"})
+    call(audited_client, {"hook": "order-sign", "hookInstance": "hi-3"}, token=False)
+
+    rows = store.calls()
+    assert [(r["status"], r["hook_instance"], r["hook"]) for r in rows] == [
+        (400, "hi-2", "order-select"),
+        # The body of an unauthenticated call is not even read.
+        (401, None, None),
+    ]
+    assert all(r["service"] == "pain-management-order-sign" for r in rows)
+
+
+def test_other_endpoints_are_not_hook_calls(audited_client, store):
+    with audited_client.get("/cds-services") as response:
+        assert response.status_code == 200
+    assert store.calls() == []
+
+
+def test_no_token_is_ever_stored(audited_client, store, tmp_path):
+    call(audited_client, {"hook": "order-sign", "hookInstance": "hi-4"})
+    call(audited_client, {"hook": "order-sign", "hookInstance": "hi-5"}, token=False)
+
+    dumped = json.dumps(store.calls(), default=str)
+    assert SECRET_TOKEN not in dumped and "access_token" not in dumped
+    if store.dialect == "sqlite":
+        database = Path(store.engine.url.database)
+        for path in database.parent.glob(database.name + "*"):  # file, -wal, -shm
+            assert SECRET_TOKEN.encode() not in path.read_bytes()
+
+
+def test_schema_is_created_on_start(store):
+    tables = set(sa.inspect(store.engine).get_table_names(schema=store.schema))
+    assert {
+        "cds_audit_call",
+        "cds_feedback",
+        "cds_issued_card",
+        "cds_jwt_jti",
+    } <= tables
+    store.create_schema()  # a second start (another worker) changes nothing
+
+
+def test_the_service_audits_its_hook_calls(client, app):
+    body = json.loads(
+        next(FIXTURES.rglob("facet-myofascial-excluded.json")).read_text()
+    )
+    with client.post("/cds-services/pain-management-order-sign", json=body) as response:
+        assert response.status_code == 200
+    [row] = app.extensions["store"].calls()
+    assert row["hook_instance"] == body["hookInstance"]
+    assert row["determinations"] == [{"code": "64493", "outcome": "not-covered"}]
+    assert row["card_summaries"] == [
+        "Remove 64493 lumbar/sacral facet injection, not covered: myofascial pain, "
+        "where a facet block is not indicated"
+    ]
+
+
+# --- JWT jti replay cache ------------------------------------------------------------
+
+
+def test_a_jti_is_accepted_once(store):
+    expires = datetime.now(UTC) + timedelta(minutes=5)
+    assert store.remember_jti("https://ehr.example.org", "jti-1", expires) is True
+    assert store.remember_jti("https://ehr.example.org", "jti-1", expires) is False
+    assert store.remember_jti("https://other.example.org", "jti-1", expires) is True
+
+
+def test_an_expired_jti_no_longer_blocks(store):
+    past = datetime.now(UTC) - timedelta(seconds=1)
+    assert store.remember_jti("https://ehr.example.org", "jti-2", past) is True
+    future = datetime.now(UTC) + timedelta(minutes=5)
+    assert store.remember_jti("https://ehr.example.org", "jti-2", future) is True
+    assert store.remember_jti("https://ehr.example.org", "jti-2", future) is False
+
+
+def test_concurrent_replays_let_exactly_one_through(store):
+    expires = datetime.now(UTC) + timedelta(minutes=5)
+    results = []
+    start = threading.Barrier(8)
+
+    def attempt():
+        start.wait()
+        results.append(store.remember_jti("https://ehr.example.org", "jti-3", expires))
+
+    threads = [threading.Thread(target=attempt) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sorted(results) == [False] * 7 + [True]
+
+
+def test_naive_datetimes_are_refused(store):
+    with pytest.raises(sa.exc.StatementError):
+        store.remember_jti("https://ehr.example.org", "jti-4", datetime(2030, 1, 1))

@@ -1,0 +1,170 @@
+"""`pain-cds report`: calls, determinations, feedback and latency from the record."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+
+import pytest
+
+from cds_service.cli import main
+from cds_service.report import percentile, summarise
+from cds_service.storage import FeedbackItem
+
+DAY = datetime(2026, 12, 3, 9, 0, tzinfo=UTC)
+
+
+def fill(store) -> None:
+    calls = [
+        # hook, status, duration ms, determinations
+        ("order-sign", 200, 120.0, [{"code": "64493", "outcome": "not-covered"}]),
+        ("order-sign", 200, 80.0, [{"code": "62323", "outcome": "conditional"}]),
+        ("order-sign", 200, 640.0, [{"code": "62323", "outcome": "covered"}]),
+        ("order-select", 200, 40.0, [{"code": "62323", "outcome": "conditional"}]),
+        ("order-select", 200, 35.0, []),
+        ("order-sign", 412, 300.0, []),
+        ("order-sign", 401, 2.0, []),
+        (None, 400, 1.0, []),
+    ]
+    for index, (hook, status, duration, determinations) in enumerate(calls):
+        store.record_call(
+            {
+                "at": DAY.replace(minute=index),
+                "hook_instance": f"hi-{index}",
+                "service": f"pain-management-{hook or 'order-sign'}",
+                "hook": hook,
+                "order_codes": [d["code"] for d in determinations],
+                "determinations": determinations,
+                "card_summaries": [],
+                "status": status,
+                "duration_ms": duration,
+            }
+        )
+    store.add_feedback(
+        "pain-management-order-sign",
+        [
+            FeedbackItem("c1", "accepted", DAY, ("s1",)),
+            FeedbackItem(
+                "c2",
+                "overridden",
+                DAY,
+                override_system="urn:pain-cds:override-reason",
+                override_code="documented-elsewhere",
+                override_display="Criteria are documented outside this record",
+            ),
+            FeedbackItem(
+                "c3",
+                "overridden",
+                DAY,
+                override_system="urn:pain-cds:override-reason",
+                override_code="clinical-judgement",
+            ),
+            FeedbackItem("c4", "overridden", DAY),
+            FeedbackItem(
+                "c5",
+                "overridden",
+                DAY.replace(hour=10),
+                override_system="urn:pain-cds:override-reason",
+                override_code="documented-elsewhere",
+                override_display="Criteria are documented outside this record",
+            ),
+        ],
+    )
+
+
+EXPECTED = {
+    "calls": 8,
+    "calls_by_hook": {
+        "(unknown)": {"rejected (400)": 1},
+        "order-select": {"answered": 2},
+        "order-sign": {"answered": 3, "refused (401)": 1, "rejected (412)": 1},
+    },
+    "determinations_by_code": {
+        "62323": {"conditional": 2, "covered": 1},
+        "64493": {"not-covered": 1},
+    },
+    "feedback": {
+        "accepted": 1,
+        "overridden": 4,
+        "override_reasons": {
+            "Criteria are documented outside this record": 2,
+            "Clinically necessary for this patient; will request peer-to-peer "
+            "review": 1,
+            "no reason given": 1,
+        },
+    },
+    # Sorted durations: 1 2 35 40 80 120 300 640 (nearest rank).
+    "duration_ms": {"p50": 40.0, "p95": 640.0},
+    "within_500ms": 0.875,
+}
+
+
+def test_summary_of_a_known_record(store):
+    fill(store)
+    assert summarise(store.calls(), store.feedback_items()) == EXPECTED
+
+
+def test_report_command_prints_json(store, capsys):
+    if store.dialect != "sqlite":
+        pytest.skip("the command opens the URL itself; schemas are a test device")
+    fill(store)
+    assert main(["report", "--database-url", store.url, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == EXPECTED
+
+
+def test_report_command_prints_text(store, capsys):
+    if store.dialect != "sqlite":
+        pytest.skip("the command opens the URL itself; schemas are a test device")
+    fill(store)
+    main(["report", "--database-url", store.url])
+    assert capsys.readouterr().out.splitlines() == [
+        "Hook calls: 8",
+        "  (unknown): rejected (400) 1",
+        "  order-select: answered 2",
+        "  order-sign: answered 3, refused (401) 1, rejected (412) 1",
+        "Determinations by code:",
+        "  62323: conditional 2, covered 1",
+        "  64493: not-covered 1",
+        "Feedback: accepted 1, overridden 4",
+        "  2 x Criteria are documented outside this record",
+        "  1 x Clinically necessary for this patient; will request peer-to-peer review",
+        "  1 x no reason given",
+        "Duration: p50 40.0 ms, p95 640.0 ms; 87.5% of calls answered within 500 ms",
+    ]
+
+
+def test_report_window(store):
+    fill(store)
+    calls = store.calls(since=DAY.replace(minute=5), until=DAY.replace(minute=7))
+    assert [c["hook_instance"] for c in calls] == ["hi-5", "hi-6"]
+    feedback = store.feedback_items(since=DAY.replace(hour=23))
+    assert feedback == []
+
+
+def test_report_window_flags(store, capsys):
+    if store.dialect != "sqlite":
+        pytest.skip("the command opens the URL itself; schemas are a test device")
+    fill(store)
+    main(["report", "--database-url", store.url, "--json", "--since", "2026-12-04"])
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["calls"] == 0 and summary["duration_ms"] == {
+        "p50": None,
+        "p95": None,
+    }
+    assert summary["within_500ms"] is None
+
+
+def test_empty_record(tmp_path, capsys):
+    url = f"sqlite:///{tmp_path / 'empty.sqlite'}"
+    main(["report", "--database-url", url])
+    out = capsys.readouterr().out
+    assert out.splitlines()[0] == "Hook calls: 0"
+    assert out.splitlines()[-1] == "Duration: no calls recorded"
+
+
+@pytest.mark.parametrize(
+    "values, pct, expected",
+    [([], 50, None), ([5.0], 95, 5.0), ([1, 2, 3, 4], 50, 2), ([1, 2, 3, 4], 95, 4)],
+)
+def test_percentile_is_nearest_rank(values, pct, expected):
+    assert percentile(values, pct) == expected
