@@ -111,20 +111,10 @@ def serve(args: argparse.Namespace) -> int:
 
     class Server(BaseApplication):
         def load_config(self):
-            self.cfg.set("bind", f"{settings.host}:{settings.port}")
-            self.cfg.set("workers", settings.workers)
-            # Threads keep a worker answering while another call waits on the
-            # EHR's FHIR server.
-            self.cfg.set("worker_class", "gthread")
-            self.cfg.set("threads", 4)
-            self.cfg.set("graceful_timeout", getattr(settings, "graceful_timeout", 30))
-            self.cfg.set("loglevel", settings.log_level.lower())
-            self.cfg.set("accesslog", None)
+            for key, value in gunicorn_options(settings).items():
+                self.cfg.set(key, value)
             self.cfg.set("child_exit", child_exit)
             self.cfg.set("logger_class", gunicorn_logger_class())
-            # gunicorn's control socket lives in $HOME, which two servers on one
-            # host would share and a read-only container cannot write.
-            self.cfg.set("control_socket_disable", True)
 
         def load(self):
             from cds_service import create_app
@@ -143,6 +133,24 @@ def serve(args: argparse.Namespace) -> int:
     finally:
         remove_own_multiprocess_dir(metrics_dir)
     return 0
+
+
+def gunicorn_options(settings: Settings) -> dict[str, object]:
+    """How gunicorn serves the app (shared with the benchmark's bare endpoint)."""
+    return {
+        "bind": f"{settings.host}:{settings.port}",
+        "workers": settings.workers,
+        # Threads keep a worker answering while another call waits on the
+        # EHR's FHIR server.
+        "worker_class": "gthread",
+        "threads": 4,
+        "graceful_timeout": getattr(settings, "graceful_timeout", 30),
+        "loglevel": settings.log_level.lower(),
+        "accesslog": None,
+        # gunicorn's control socket lives in $HOME, which two servers on one
+        # host would share and a read-only container cannot write.
+        "control_socket_disable": True,
+    }
 
 
 # --- evaluate -----------------------------------------------------------------------

@@ -102,7 +102,16 @@ def receive_feedback(service_id: str):
             404,
             Issue(f"No CDS service {service_id!r}; discovery is at GET /cds-services"),
         )
-    body = request.get_json(silent=True) if request.is_json else None
+    if not request.is_json:
+        raise ServiceError(
+            415,
+            Issue(
+                "Content-Type must be application/json, not "
+                + (request.mimetype or "(none)"),
+                code="not-supported",
+            ),
+        )
+    body = request.get_json(silent=True)
     if body is None:
         raise ServiceError(
             400,

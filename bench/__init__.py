@@ -1,0 +1,1 @@
+"""The pain-cds benchmark: `python bench/run.py` (see the README, Performance)."""
