@@ -162,6 +162,9 @@ class Store:
         # Bound values (card text, hookInstance, jti) never reach a log line or an
         # exception message, whatever level the operator sets for sqlalchemy.
         options: dict = {"pool_pre_ping": True, "hide_parameters": True}
+        if url.get_backend_name() == "postgresql":
+            # Readiness checks and audit writes must not hang on an unreachable host.
+            options["connect_args"] = {"connect_timeout": 5}
         if url.get_backend_name() == "sqlite":
             options = {
                 "hide_parameters": True,
@@ -459,7 +462,11 @@ def _from_body(status: int) -> dict:
     """
     if status in (401, 413, 415) or not request.is_json:
         return {}
-    body = request.get_json(silent=True)
+    try:
+        body = request.get_json(silent=True)
+    except RecursionError:
+        # json.loads gives up on deeply nested bodies before silent= can apply.
+        return {}
     if not isinstance(body, dict):
         return {}
     return {"hook_instance": body.get("hookInstance"), "hook": body.get("hook")}

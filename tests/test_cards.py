@@ -595,3 +595,16 @@ def test_criterion_phrases_name_existing_rules_and_stay_short():
     phrases = yaml.safe_load(phrases_file.read_text())["phrases"]
     assert sorted(set(phrases) - rule_ids) == []  # no phrase for a renamed rule
     assert [p for p in phrases.values() if len(p) > 70] == []
+
+
+def test_every_guideline_code_has_a_short_name_for_cards():
+    from cards.content import short_name
+    from cds_service.guideline import Guideline
+
+    codes = {
+        code["code"]
+        for section in Guideline.load().catalogue()
+        for code in section["codes"]
+    }
+
+    assert sorted(code for code in codes if short_name(code) is None) == []

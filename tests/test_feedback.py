@@ -164,8 +164,14 @@ def test_malformed_bodies_are_400(feedback_client, body, expression, message):
     assert outcome["issue"][0]["diagnostics"] == message
 
 
-def test_non_json_body_is_400(feedback_client):
+def test_non_json_body_is_415(feedback_client):
     with feedback_client.post(URL, data="card=x", content_type="text/plain") as r:
+        assert r.status_code == 415
+        assert r.get_json()["issue"][0]["code"] == "not-supported"
+
+
+def test_invalid_json_body_is_400(feedback_client):
+    with feedback_client.post(URL, data="{", content_type="application/json") as r:
         assert r.status_code == 400
         assert r.get_json()["issue"][0]["code"] == "structure"
 

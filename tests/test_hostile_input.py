@@ -94,7 +94,7 @@ def test_body_over_the_limit_is_413_over_http(live_server, chunked):
         ("application/xml", "application/xml"),
     ],
 )
-@pytest.mark.parametrize("path", [SIGN, SELECT])
+@pytest.mark.parametrize("path", [SIGN, SELECT, FEEDBACK])
 def test_wrong_content_type_is_415(client, path, content_type, shown):
     response = client.post(path, data=b"{}", content_type=content_type)
     assert response.status_code == 415
@@ -122,6 +122,36 @@ def test_invalid_json_is_400(client, raw):
     assert response.get_json(force=True)["issue"][0]["diagnostics"] == (
         "Request body is not valid JSON"
     )
+    response = client.post(FEEDBACK, data=raw, content_type="application/json")
+    assert response.status_code == 400
+    assert response.get_json(force=True)["issue"][0]["diagnostics"] == (
+        'Request body must be JSON: {"feedback": [...]}'
+    )
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        [],
+        {"feedback": "x"},
+        {"feedback": [None]},
+        {"feedback": [{"card": {}, "outcome": 1, "outcomeTimestamp": []}]},
+        {"feedback": [{"card": "c", "outcome": "accepted", "outcomeTimestamp": "x"}]},
+        {"feedback": [{"card": "c" * 1_000, "outcome": "overridden"}] * 1000},
+    ],
+)
+def test_malformed_feedback_is_400(client, body):
+    response = client.post(FEEDBACK, json=body)
+    assert response.status_code == 400
+    assert_handled(response, repr(body)[:80])
+
+
+@pytest.mark.parametrize("depth", [900, 5_000])
+def test_deeply_nested_feedback_is_refused(client, depth):
+    raw = '{"feedback": [' + "[" * depth + "]" * depth + "]}"
+    response = client.post(FEEDBACK, data=raw, content_type="application/json")
+    assert_handled(response, f"feedback nested {depth} deep")
+    assert response.status_code == 400
 
 
 @pytest.mark.parametrize("body", [[], [1, 2], "order-sign", 42, True, {}])
