@@ -9,7 +9,7 @@ from typing import Protocol
 import jwt
 from cryptography.hazmat.primitives.asymmetric.ec import EllipticCurvePublicKey
 from cryptography.hazmat.primitives.asymmetric.rsa import RSAPublicKey
-from flask import Flask, Response, current_app, g, request
+from flask import Flask, Response, current_app, request
 
 from .config import Settings
 from .jwks import (
@@ -243,7 +243,9 @@ def init_app(
                 },
             )
             return Response(status=401, headers={"WWW-Authenticate": "Bearer"})
-        g.caller = {key: claims.get(key) for key in ("iss", "jti", "tenant")}
+        logger.debug(
+            "caller verified", extra={"iss": claims["iss"], "jti": claims["jti"]}
+        )
         return None
 
     app.before_request(check_caller)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor, wait
 from urllib.parse import quote, urljoin, urlsplit
@@ -59,6 +60,20 @@ def prefetch_templates(observation_codes: list[Coding]) -> dict[str, str]:
     return templates
 
 
+# The deadline of the fetch running on this worker thread, read by the retry policy.
+_fetch = threading.local()
+
+
+class RetryWithinDeadline(Retry):
+    """urllib3's Retry that gives up once the current fetch's deadline has passed,
+    so that no retry reaches the EHR after the answer has been given without it."""
+
+    def is_exhausted(self) -> bool:
+        deadline = getattr(_fetch, "deadline", None)
+        late = deadline is not None and time.monotonic() >= deadline
+        return late or super().is_exhausted()
+
+
 class FhirFetcher:
     """Fetches missing prefetch keys from the client's FHIR server, concurrently.
 
@@ -69,7 +84,7 @@ class FhirFetcher:
     def __init__(self, settings: Settings):
         self.settings = settings
         self.session = requests.Session()
-        retry = Retry(
+        retry = RetryWithinDeadline(
             total=2,
             connect=2,
             # A read that timed out would time out again and outlive the deadline.
@@ -159,6 +174,7 @@ class FhirFetcher:
         origin = urlsplit(url)[:2]
         entries: list = []
         visited = {url}
+        _fetch.deadline = deadline
         for _ in range(self.settings.fhir_page_cap):
             remaining = deadline - time.monotonic()
             if remaining <= 0:

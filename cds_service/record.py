@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 import logging
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 
 from fhir.resources.R4B import get_fhir_model_class
 from pydantic import ValidationError
@@ -86,6 +86,7 @@ def build_record(
     """
     record = PatientRecord(patient_id=patient_id)
     seen: set[tuple[str, str]] = set()
+    relevant = _RelevanceMemo(is_relevant)
     for category, value in values.items():
         parts = value if isinstance(value, tuple) else (value,)
         complete = True
@@ -98,10 +99,11 @@ def build_record(
                     if identity in seen:
                         continue
                     seen.add(identity)
-                if any(True for _ in _codes_read(resource)):
+                codings = _raw_codings_read(resource)
+                if codings:
                     count = record.received_coded.get(category, 0)
                     record.received_coded[category] = count + 1
-                _add(record, resource, is_relevant)
+                _add(record, resource, codings, relevant)
         if complete:
             record.retrieved.add(category)
         else:
@@ -161,7 +163,7 @@ def _summary(outcome: dict) -> str:
     )
 
 
-def _add(record: PatientRecord, resource: dict, is_relevant) -> None:
+def _add(record: PatientRecord, resource: dict, codings: list[dict], relevant) -> None:
     resource_type = resource["resourceType"]
     if resource_type == "Patient":
         if record.patient_id is None and isinstance(resource.get("id"), str):
@@ -169,9 +171,9 @@ def _add(record: PatientRecord, resource: dict, is_relevant) -> None:
         return
     if resource_type not in _CATEGORY_OF_TYPE:
         return
-    if resource_type != "Coverage" and not any(
-        is_relevant(coding) for coding in _codes_read(resource)
-    ):
+    # Judged on the raw codings, before any model is built: validating a resource
+    # costs some 20 times parsing it, and most of a long history is never read.
+    if resource_type != "Coverage" and not any(map(relevant, codings)):
         return
 
     valid = validated(resource)
@@ -190,18 +192,61 @@ def _add(record: PatientRecord, resource: dict, is_relevant) -> None:
         record.coverages.append(_coverage(valid, reference))
 
 
-def _codes_read(resource: dict) -> Iterable[Coding]:
-    """The codings by which a criterion could find this resource."""
+def _raw_codings_read(resource: dict) -> list[dict]:
+    """The raw codings (with a code) by which a criterion could find this resource."""
     resource_type = resource["resourceType"]
     if resource_type == "Observation":
-        yield from codings_of(resource.get("code"))
+        found = _raw_codings(resource.get("code"))
         for component in _as_list(resource.get("component")):
             if isinstance(component, dict):
-                yield from codings_of(component.get("code"))
-    elif resource_type in ("MedicationRequest", "MedicationStatement"):
-        yield from codings_of(_medication_concept(resource))
-    else:
-        yield from codings_of(resource.get("code"))
+                found += _raw_codings(component.get("code"))
+        return found
+    if resource_type in ("MedicationRequest", "MedicationStatement"):
+        return _raw_codings(_medication_concept(resource))
+    return _raw_codings(resource.get("code"))
+
+
+def _raw_codings(concept: object) -> list[dict]:
+    """The items of `concept.coding` that `codings_of` would keep."""
+    if not isinstance(concept, dict):
+        return []
+    raw = concept.get("coding")
+    if isinstance(raw, dict):
+        raw = [raw]
+    if not isinstance(raw, list):
+        return []
+    return [
+        item
+        for item in raw
+        if isinstance(item, dict)
+        and isinstance(item.get("code"), str)
+        and item["code"].strip()
+    ]
+
+
+class _RelevanceMemo:
+    """`is_relevant` of raw codings, asked once per distinct coding in a call.
+
+    A long history repeats a handful of codes (vital signs at every visit), so
+    after the first few resources each question is one dictionary lookup.
+    """
+
+    def __init__(self, is_relevant: Callable[[Coding], bool]):
+        self.is_relevant = is_relevant
+        self.answers: dict[tuple, bool] = {}
+
+    def __call__(self, item: dict) -> bool:
+        key = (item.get("system"), item["code"], item.get("display"))
+        try:
+            return self.answers[key]
+        except KeyError:
+            answer = self.answers[key] = self._ask(item)
+            return answer
+        except TypeError:  # an unhashable system or display: asked, not kept
+            return self._ask(item)
+
+    def _ask(self, item: dict) -> bool:
+        return any(map(self.is_relevant, codings_of({"coding": [item]})))
 
 
 def validated(resource: dict) -> dict | None:

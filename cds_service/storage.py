@@ -228,8 +228,10 @@ class Store:
             "status": int(entry["status"]),
             "duration_ms": float(entry["duration_ms"]),
         }
-        with self.session() as session:
-            session.execute(audit_calls.insert().values(**row))
+        # One Core insert with parameters: its compiled form is cached, where an
+        # ORM session and `.values(...)` rebuilt the statement on every call.
+        with self.engine.begin() as connection:
+            connection.execute(audit_calls.insert(), row)
 
     def calls(
         self, since: datetime | None = None, until: datetime | None = None

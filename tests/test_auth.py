@@ -655,3 +655,89 @@ def test_without_a_replay_store_calls_are_refused(jwks_server, keys):
     token = make_token(keys["ES384"], aud=BASE + "/cds-services")
     response = client.get("/cds-services", headers={"Authorization": "Bearer " + token})
     assert response.status_code == 401
+
+
+# --- in the real application ------------------------------------------------------
+
+
+@pytest.fixture
+def service(jwks_server, keys, guideline, tmp_path):
+    """create_app with authentication on, its issuer's JWKS served over loopback."""
+    from cds_service import create_app
+
+    def build(database="audit.sqlite"):
+        url = jwks_server.publish("/service.json", *keys.values())
+        settings = Settings(
+            public_url=BASE,
+            trusted_issuers=json.dumps([{"iss": ISS, "jwks_url": url}]),
+            database_url=f"sqlite:///{tmp_path / database}",
+        )
+        return create_app(settings, guideline=guideline).test_client()
+
+    return build
+
+
+ENDPOINTS = [
+    ("GET", "/cds-services"),
+    ("POST", "/cds-services/pain-management-order-select"),
+    ("POST", "/cds-services/pain-management-order-sign"),
+    ("POST", "/cds-services/pain-management-order-sign/feedback"),
+]
+
+
+@pytest.mark.parametrize("method, path", ENDPOINTS)
+def test_preflight_needs_no_token_and_refusals_carry_cors(service, method, path):
+    client = service()
+    origin = {"Origin": "https://sandbox.cds-hooks.org"}
+    preflight = client.options(
+        path,
+        headers={
+            **origin,
+            "Access-Control-Request-Method": method,
+            "Access-Control-Request-Headers": "authorization,content-type",
+        },
+    )
+    assert preflight.status_code == 200
+    assert preflight.headers["Access-Control-Allow-Origin"] == origin["Origin"]
+    allowed = preflight.headers["Access-Control-Allow-Headers"].lower()
+    assert {"authorization", "content-type"} <= set(allowed.split(", "))
+
+    refused = client.open(path, method=method, json={}, headers=origin)
+    assert refused.status_code == 401
+    assert refused.data == b""
+    assert refused.headers["Access-Control-Allow-Origin"] == origin["Origin"]
+
+
+@pytest.mark.parametrize("method, path", ENDPOINTS)
+def test_each_endpoint_accepts_a_token_for_its_own_url(service, keys, method, path):
+    client = service()
+    token = make_token(keys["ES384"], aud=BASE + path)
+    body = {"feedback": []} if path.endswith("feedback") else {}
+    response = client.open(
+        path, method=method, json=body, headers={"Authorization": "Bearer " + token}
+    )
+    # Past authentication: discovery answers, the others judge the (empty) body.
+    assert response.status_code == (200 if method == "GET" else 400)
+
+
+def test_health_and_metrics_need_no_token(service):
+    client = service()
+    assert client.get("/healthz").status_code == 200
+    assert client.get("/metrics").status_code == 200
+
+
+def test_replicas_sharing_a_database_refuse_each_others_replays(service, keys):
+    first, second = service("shared.sqlite"), service("shared.sqlite")
+    token = make_token(keys["RS384"], aud=BASE + "/cds-services")
+    headers = {"Authorization": "Bearer " + token}
+    assert first.get("/cds-services", headers=headers).status_code == 200
+    assert second.get("/cds-services", headers=headers).status_code == 401
+
+
+def test_no_auth_switch_of_the_command_line():
+    from cds_service.cli import build_parser, settings_from_args
+
+    args = build_parser().parse_args(["serve", "--no-auth"])
+    assert settings_from_args(args).auth is False
+    args = build_parser().parse_args(["serve"])
+    assert settings_from_args(args).auth is True

@@ -511,10 +511,10 @@ def _busy_record():
     return record(conditions, observations, medications, procedures)
 
 
-def test_benchmark_evaluate_three_orders(benchmark, guideline):
+def test_busy_record_evaluated_for_four_orders(guideline):
     rec = _busy_record()
     orders = [order("62323"), order("64493"), order("64494"), order("27096")]
-    dets = benchmark(guideline.evaluate, rec, orders, ON)
+    dets = guideline.evaluate(rec, orders, ON)
     assert [d.rule_set for d in dets] == [
         "epidural-interlaminar",
         "facet-block",
@@ -523,13 +523,11 @@ def test_benchmark_evaluate_three_orders(benchmark, guideline):
     ]
 
 
-def test_benchmark_is_relevant(benchmark, guideline):
+def test_codes_no_criterion_reads_are_not_relevant(guideline):
     codings = [Coding("snomed", str(100000 + i)) for i in range(200)]
     codings += [Coding("rxnorm", "1", "lisinopril 10 MG Oral Tablet")] * 50
-    found = benchmark(lambda: sum(guideline.is_relevant(c) for c in codings))
-    assert found == 0
+    assert not any(guideline.is_relevant(c) for c in codings)
 
 
-def test_benchmark_load(benchmark):
-    loaded = benchmark.pedantic(Guideline.load, rounds=3, iterations=1)
-    assert len(loaded.rule_sets) == len(Guideline.load().rule_sets)
+def test_loading_twice_gives_the_same_rule_sets(guideline):
+    assert sorted(Guideline.load().rule_sets) == sorted(guideline.rule_sets)

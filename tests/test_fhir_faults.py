@@ -156,6 +156,9 @@ class FhirStandIn:
             return 200, fhir_json, json.dumps(page).encode()
         if fault == "thousands":
             return 200, fhir_json, LONG_HISTORY
+        if fault == "slow-503":
+            time.sleep(0.7 * DEADLINE)
+            return 503, fhir_json, json.dumps(_outcome("transient", "busy")).encode()
         if fault == "flaky-503":
             if self.hits("Condition") == 1:
                 return (
@@ -283,6 +286,23 @@ def test_next_link_loop_is_not_followed_round_and_round(stand_in):
         fetcher.close()
     assert len(values["conditions"]["entry"]) == 1
     assert stand_in.hits("Condition") == 1
+
+
+def test_no_retry_is_sent_after_the_deadline(stand_in):
+    # Each 503 takes 70% of the deadline: the one retry allowed in time is sent,
+    # the next would land after the deadline and is not.
+    stand_in.faults["Condition"] = "slow-503"
+    fetcher = FhirFetcher(replace(FAULT_SETTINGS, fhir_timeout=DEADLINE))
+    try:
+        values = fetcher.fetch(
+            hook_request(stand_in.url, PREFETCHED),
+            {"conditions": "Condition?patient={{context.patientId}}"},
+        )
+        time.sleep(1.5 * DEADLINE)  # room for a late retry to show itself
+    finally:
+        fetcher.close()
+    assert values == {"conditions": UNAVAILABLE}
+    assert stand_in.hits("Condition") == 2
 
 
 def test_unavailable_marker_is_used_for_lost_keys(stand_in):

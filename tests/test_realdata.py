@@ -124,3 +124,20 @@ def test_synthea_back_pain_patient_with_an_epidural_order(live_server, fhir_stub
         )
     ]
     assert fhir_stub.calls == []  # everything came from prefetch
+
+
+def test_medication_order_outside_the_guideline_gets_no_cards(client):
+    body = realdata("cds-hooks-sandbox__rx-view_order-select_captured.json")
+
+    response = client.post(f"/cds-services/{SERVICE['order-select']}", json=body)
+
+    assert response.get_json() == {"cards": []}
+
+
+def test_epidural_with_everything_prefetched_gets_one_card(client, fhir_stub):
+    body = spine_request(fhir_stub.url)
+
+    response = client.post(f"/cds-services/{SERVICE['order-sign']}", json=body)
+
+    assert len(response.get_json()["cards"]) == 1
+    assert fhir_stub.calls == []

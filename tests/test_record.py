@@ -296,3 +296,11 @@ def test_coverage_always_kept():
         date(2026, 1, 1),
         None,
     )
+
+
+def test_whole_synthea_bundle_under_one_key_names_its_patient(guideline):
+    resources = [entry["resource"] for entry in realdata(EDWARD)["entry"]]
+
+    record = build_record({DataCategory.CONDITIONS: resources}, guideline.is_relevant)
+
+    assert record.patient_id == "0b575c00-26a1-6156-8ff8-369e3071bb77"
