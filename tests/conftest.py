@@ -20,10 +20,9 @@ import pytest
 from werkzeug.serving import make_server
 
 ROOT = Path(__file__).resolve().parent.parent
-# The public example requests live beside the checkout (../shared/realdata).
-REALDATA = Path(
-    os.environ.get("PAIN_CDS_REALDATA", ROOT.parent / "shared" / "realdata")
-)
+# The public example requests and synthetic patients of shared/realdata, kept verbatim
+# in tests/realdata (SOURCES.md there names each origin) so a lone clone tests alike.
+REALDATA = Path(os.environ.get("PAIN_CDS_REALDATA", ROOT / "tests" / "realdata"))
 FIXTURES = ROOT / "fixtures"
 # Every test judges as of this date, so that ages of diagnoses and therapies are
 # fixed; the service itself uses today's UTC date.

@@ -22,7 +22,7 @@ from cds_service.load_fixtures import (
     load,
 )
 
-REALDATA = Path(__file__).resolve().parents[2] / "shared" / "realdata"
+REALDATA = Path(__file__).resolve().parent / "realdata"
 EDWARD = "synthea-r4__edward499_clbp_subset_" + (
     "patient-conditions-procedures-meds-painscores.json"
 )
@@ -32,11 +32,8 @@ REPO_FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 
 
 def _realdata_dir() -> Path:
-    # CI lays shared/ beside the clone; a developer's tree has it at /work/shared.
-    for candidate in (REALDATA, Path("/work/shared/realdata")):
-        if (candidate / EDWARD).is_file():
-            return candidate
-    pytest.skip("shared/realdata is not available")
+    assert (REALDATA / EDWARD).is_file(), "tests/realdata lost the synthea patient"
+    return REALDATA
 
 
 class FhirStandIn:

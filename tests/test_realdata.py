@@ -1,4 +1,4 @@
-"""Every public example request in shared/realdata, sent to the running service."""
+"""Every public example request (shared/realdata, kept in tests/realdata) over HTTP."""
 
 from __future__ import annotations
 
