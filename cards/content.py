@@ -51,6 +51,16 @@ def criterion_phrase(criterion_id: str) -> str | None:
     return _load("criteria.yaml")["phrases"].get(criterion_id)
 
 
+def criterion_to_document(criterion_id: str) -> str | None:
+    """What to document when the criterion is not documented, or None."""
+    return _load("criteria.yaml")["to_document"].get(criterion_id)
+
+
+def denied_unless_documented(criterion_id: str) -> bool:
+    """Is the service denied until this criterion is documented (a warning)?"""
+    return criterion_id in _load("criteria.yaml")["denied_unless_documented"]
+
+
 def image_guided_alternative(code: str) -> str | None:
     return _load("orders.yaml")["image_guided_alternative"]["codes"].get(code)
 

@@ -180,12 +180,9 @@ def discovery_extension(service=None) -> dict:
 
 
 def _as_bool(value: object) -> bool | None:
-    if isinstance(value, bool):
-        return value
-    # Some EHR configuration screens send the words; accepting them costs nothing.
-    if isinstance(value, str) and value.strip().lower() in {"true", "false"}:
-        return value.strip().lower() == "true"
-    return None
+    # A JSON boolean only: "true" as a string is a value of the wrong type, and
+    # CRD (and our README) say those are ignored, the default holding.
+    return value if isinstance(value, bool) else None
 
 
 def _as_count(value: object) -> int | None:
@@ -193,8 +190,7 @@ def _as_count(value: object) -> int | None:
         return None
     if isinstance(value, int) and value >= 0:
         return value
+    # JSON has one number type: 2.0 is the integer 2. A string is the wrong type.
     if isinstance(value, float) and value.is_integer() and value >= 0:
         return int(value)
-    if isinstance(value, str) and value.strip().isdigit():
-        return int(value.strip())
     return None

@@ -103,7 +103,14 @@ def decisive_problem(determination: Determination) -> Problem | None:
 
 def _problem(kind: str, results: Iterable[CriterionResult]) -> Problem:
     card_type, indicator, priority = _KINDS[kind]
-    return Problem(kind, card_type, indicator, priority, tuple(results))
+    results = tuple(results)
+    if kind == "undocumented" and any(
+        content.denied_unless_documented(r.criterion_id) for r in results
+    ):
+        # Without the documentation the service is denied: a warning, ranked
+        # with the other warnings when max-cards cuts the list.
+        indicator, priority = "warning", _KINDS["unmet"][2]
+    return Problem(kind, card_type, indicator, priority, results)
 
 
 def order_card(
@@ -148,12 +155,17 @@ def data_card(
     fingerprints: list[str],
     options: CardOptions,
 ) -> dict | None:
-    """One card naming the data that could not be retrieved, when it mattered."""
+    """One card naming the data that could not be retrieved, when it mattered.
+
+    It matters for an order whose criteria it left unchecked, and for an order
+    left without coverage information because the Coverage could not be had.
+    """
+    coverage_lost = DataCategory.COVERAGE in unavailable
+    unchecked = [d for d in determinations if _data_unchecked(d)]
     affected = [
         d
         for d in determinations
-        if d.outcome is Outcome.INDETERMINATE
-        or any(r.data_unavailable for r in d.results)
+        if _data_unchecked(d) or (coverage_lost and d.coverage is None)
     ]
     if not unavailable or not affected:
         return None
@@ -165,11 +177,19 @@ def data_card(
         orders = labels[0]
     else:
         orders = f"{len(labels)} orders"
-    summary = _fit(f"Coverage not fully checked for {orders}: ", f"{what} unavailable")
+    summary = f"Coverage not fully checked for {orders}: {what} unavailable"
+    if len(summary) > SUMMARY_LIMIT:
+        # The detail names every category; the summary must stay a whole sentence.
+        summary = f"Coverage not fully checked for {orders}: patient data unavailable"
 
+    consequence = (
+        "these criteria could not be checked and coverage is **indeterminate**"
+        if unchecked
+        else "no coverage information could be recorded on the order"
+    )
     lines = [
         f"The {what} could not be retrieved from the EHR's FHIR server, so "
-        "these criteria could not be checked and coverage is **indeterminate**. "
+        f"{consequence}. "
         "Calling again once the EHR is reachable may give a complete answer.",
         "",
     ]
@@ -179,6 +199,11 @@ def data_card(
         for result in determination.results:
             if result.data_unavailable:
                 lines.append(f"- {_escape(result.text)} ({_escape(result.section)})")
+        if coverage_lost and determination.coverage is None:
+            lines.append(
+                "- No coverage information is recorded on the order: the "
+                "patient's insurance coverage could not be retrieved."
+            )
         lines.append("")
     key = sorted(c.value for c in categories) + sorted(fingerprints)
     return prune(
@@ -192,7 +217,26 @@ def data_card(
     )
 
 
+def _data_unchecked(determination: Determination) -> bool:
+    return determination.outcome is Outcome.INDETERMINATE or any(
+        r.data_unavailable for r in determination.results
+    )
+
+
 # --- summary -----------------------------------------------------------------------
+
+
+# One sentence per problem kind; `issue` is the criterion's phrase (what to
+# document, for "undocumented"), `more` a " (+N more)" count of further problems.
+SUMMARY_TEMPLATES = {
+    "alternative": "Use {alternative} (image-guided), not {label}: {issue}{more}",
+    "exclusion": "Remove {label}, not covered: {issue}{more}",
+    "limit": "Reconsider {label}, over a plan limit: {issue}{more}",
+    "unmet": "Review {label}, criteria not met: {issue}{more}",
+    "undocumented": "Document for {label}: {issue}{more}",
+    "review": "Send records with the PA request for {label}: manual review",
+    "documented": "{label}: all guideline criteria documented; request PA",
+}
 
 
 def _summary(
@@ -202,21 +246,28 @@ def _summary(
     options: CardOptions,
     alternative: str | None,
 ) -> str:
-    """One actionable sentence naming the order and the problem (<140 characters)."""
+    """One actionable sentence naming the order and the problem (<140 characters).
+
+    The phrases of cards/criteria.yaml are written to fit (a test checks it);
+    should one not, the order's short name goes before any words of the phrase.
+    """
     issue, more = _issue(problem.results) if problem.results else ("", "")
+    template = SUMMARY_TEMPLATES[problem.kind]
     if alternative and problem.kind in {"exclusion", "limit", "unmet"}:
-        return _fit(f"Use {alternative} (image-guided), not {label}: ", issue, more)
-    if problem.kind == "exclusion":
-        return _fit(f"Remove {label}, not covered: ", issue, more)
-    if problem.kind == "limit":
-        return _fit(f"Reconsider {label}, over a plan limit: ", issue, more)
-    if problem.kind == "unmet":
-        return _fit(f"Review {label}, criteria not met: ", issue, more)
-    if problem.kind == "undocumented":
-        return _fit(f"Document for {label}: ", issue, more)
-    if problem.kind == "review":
-        return _fit(f"Send records with the PA request for {label}: ", "manual review")
-    return _fit(f"{label}: ", "all guideline criteria documented; request PA")
+        template = SUMMARY_TEMPLATES["alternative"]
+    code = determination.billing_code.code
+    for name, suffix in ((label, more), (code, more), (code, "")):
+        summary = template.format(
+            alternative=alternative, label=name, issue=issue, more=suffix
+        )
+        if len(summary) <= SUMMARY_LIMIT:
+            return summary
+    logger.warning(
+        "card summary shortened: criterion phrase too long",
+        extra={"criterion": problem.results[0].criterion_id},
+    )
+    prefix = template.split("{issue}")[0].format(alternative=alternative, label=code)
+    return _fit(prefix, issue)
 
 
 def _issue(results: tuple[CriterionResult, ...]) -> tuple[str, str]:
@@ -226,7 +277,16 @@ def _issue(results: tuple[CriterionResult, ...]) -> tuple[str, str]:
 
 
 def name_criterion(result: CriterionResult) -> str:
-    """The criterion's short phrase, or its own text as a lower-case clause."""
+    """The criterion's short phrase, or its own text as a lower-case clause.
+
+    A criterion that is not documented is named by what to document, where the
+    phrase for it when unmet ("one spinal injection procedure per day") would
+    not say that.
+    """
+    if result.state is State.NOT_DOCUMENTED:
+        phrase = content.criterion_to_document(result.criterion_id)
+        if phrase:
+            return phrase
     phrase = content.criterion_phrase(result.criterion_id)
     if phrase:
         return phrase

@@ -18,12 +18,14 @@ from cds_service.hook_request import (
     ORDER_SELECT,
     ORDER_SIGN,
     HookRequest,
+    draft_resources,
     load_hook_request,
 )
 from cds_service.model import Determination, Order, PatientRecord
 from cds_service.orders import orders_from_bundle
 from cds_service.prefetch import FhirFetcher
 from cds_service.record import build_record
+from cds_service.references import other_patient_element
 
 logger = logging.getLogger(__name__)
 
@@ -123,7 +125,7 @@ def call_service(service_id: str):
         body = _json_body()
         if isinstance(body, dict) and isinstance(body.get("hookInstance"), str):
             hook_instance = body["hookInstance"][:100]
-        hook_request = load_hook_request(body, service.hook)
+        hook_request = load_hook_request(body, service.hook, state().prefetch)
         response, determinations = _answer(hook_request, service)
         status = 200
         outcome = (
@@ -159,6 +161,8 @@ def _json_body() -> object:
             ),
         )
     body = request.get_json(silent=True)
+    if body is None and request.get_data().strip() == b"null":
+        raise ServiceError(400, "Request body must be a JSON object")
     if body is None:
         raise ServiceError(
             400, Issue("Request body is not valid JSON", code="structure")
@@ -177,7 +181,9 @@ def _answer(
     # the medication and nutrition orders most EHR calls carry cost nothing.
     record = PatientRecord(patient_id=hook_request.patient_id)
     determinations: list[Determination] = []
-    if any(order.selected and _covered(guideline, order) for order in orders):
+    judged = [o for o in orders if o.selected and _covered(guideline, o)]
+    if judged:
+        _check_orders_are_for_the_patient(hook_request, judged)
         values = current.fetcher.gather(hook_request, current.prefetch)
         record = build_record(
             values, guideline.is_relevant, patient_id=hook_request.patient_id
@@ -199,6 +205,39 @@ def _answer(
         hook_request, service, orders, determinations, response
     )
     return response, determinations
+
+
+def _check_orders_are_for_the_patient(
+    hook_request: HookRequest, judged: list[Order]
+) -> None:
+    """Refuse a guideline order written for another patient than `patientId`.
+
+    It would be judged on this patient's record. Orders outside the guideline are
+    passed over as always (the CRD test kit's example request names another
+    patient on its diet and medication orders, and still deserves an answer).
+    """
+    references = {order.reference for order in judged}
+    issues = []
+    context = {"draftOrders": hook_request.draft_orders}
+    for index, resource in draft_resources(context):
+        # Same naming as orders.py: an order without an id goes by its position.
+        identity = resource.get("id")
+        identity = identity if isinstance(identity, str) else f"#{index}"
+        if f"{resource['resourceType']}/{identity}" not in references:
+            continue
+        element = other_patient_element(resource, hook_request.patient_id)
+        if element is not None:
+            path = f"context.draftOrders.entry[{index}].resource.{element}"
+            issues.append(
+                Issue(
+                    f"{path}: names {resource[element]['reference']}, not the "
+                    f"context's patient Patient/{hook_request.patient_id}",
+                    expression=path,
+                    code="invalid",
+                )
+            )
+    if issues:
+        raise ServiceError(400, issues)
 
 
 def _covered(guideline, order: Order) -> bool:

@@ -95,8 +95,9 @@ def serve(args: argparse.Namespace) -> int:
     configure_logging(settings)
     try:
         # Checked once here so that a broken rule file stops start-up with its
-        # name, instead of every worker failing to boot.
-        Guideline.load()
+        # name, instead of every worker failing to boot; the workers are forked
+        # with it loaded, so none reads the rule files again.
+        guideline = Guideline.load()
     except RuleFileError as error:
         print(f"pain-cds: {error}", file=sys.stderr)
         return 2
@@ -120,7 +121,7 @@ def serve(args: argparse.Namespace) -> int:
             from cds_service import create_app
 
             configure_logging(settings)
-            return create_app(settings)
+            return create_app(settings, guideline=guideline)
 
     logger.info(
         "serving on http://%s:%s with %d workers",
@@ -204,14 +205,35 @@ def evaluate(args: argparse.Namespace) -> int:
     from cds_service.guideline import RuleFileError
 
     try:
-        body = json.loads(args.request.read_text())
+        text = args.request.read_text()
+        body = json.loads(text)
     except (OSError, ValueError) as error:
         print(f"pain-cds: cannot read {args.request}: {error}", file=sys.stderr)
         return 2
-    hook = body.get("hook") if isinstance(body, dict) else None
+    except RecursionError:
+        print(
+            f"pain-cds: cannot read {args.request}: JSON nested too deeply",
+            file=sys.stderr,
+        )
+        return 2
+    served = ", ".join(s.hook for s in SERVICES.values())
+    if not isinstance(body, dict):
+        print(
+            f"pain-cds: {args.request} is not a CDS Hooks request: the body must be "
+            "a JSON object",
+            file=sys.stderr,
+        )
+        return 2
+    hook = body.get("hook")
+    if hook is None:
+        print(
+            f"pain-cds: the request in {args.request} has no `hook` "
+            f"(expected one of {served})",
+            file=sys.stderr,
+        )
+        return 2
     service = next((s for s in SERVICES.values() if s.hook == hook), None)
     if service is None:
-        served = ", ".join(s.hook for s in SERVICES.values())
         print(f"pain-cds: hook {hook!r} is not served (only {served})", file=sys.stderr)
         return 2
 
@@ -228,7 +250,11 @@ def evaluate(args: argparse.Namespace) -> int:
     except RuleFileError as error:
         print(f"pain-cds: {error}", file=sys.stderr)
         return 2
-    response = client.post(f"/cds-services/{service.id}", json=body)
+    # The file's own text, not re-encoded: encoding recurses, and the service
+    # answers a body nested too deeply with its own 400.
+    response = client.post(
+        f"/cds-services/{service.id}", data=text, content_type="application/json"
+    )
     answer = response.get_json()
     if args.json:
         print(json.dumps(answer, indent=2))

@@ -67,6 +67,9 @@ class Settings:
     max_body_bytes: int = field(
         default=5_000_000, metadata={"help": "largest request body accepted"}
     )
+    max_feedback_items: int = field(
+        default=100, metadata={"help": "most feedback items accepted in one call"}
+    )
     log_level: str = field(default="INFO", metadata={"help": "logging level"})
     log_format: str = field(
         default="json", metadata={"help": "log line format: json or text"}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 from datetime import UTC, datetime
 
 from flask import Blueprint, current_app, jsonify, request
@@ -23,6 +24,13 @@ logger = logging.getLogger(__name__)
 blueprint = Blueprint("feedback", __name__)
 
 OUTCOMES = ("accepted", "overridden")
+DEFAULT_MAX_ITEMS = 100
+
+# Every card this service returns carries a uuid (cards.identity); anything else
+# names no card of ours and would only fill the store.
+_UUID = re.compile(
+    r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$", re.IGNORECASE
+)
 
 
 class _Base(Schema):
@@ -67,7 +75,10 @@ class Rfc3339UTC(fields.Field):
 
 
 class FeedbackItemSchema(_Base):
-    card = fields.Str(required=True, validate=validate.Length(min=1, max=128))
+    card = fields.Str(
+        required=True,
+        validate=validate.Regexp(_UUID, error="must be the uuid of a card we returned"),
+    )
     outcome = fields.Str(required=True, validate=validate.OneOf(OUTCOMES))
     acceptedSuggestions = fields.List(
         fields.Nested(AcceptedSuggestionSchema), validate=validate.Length(min=1)
@@ -80,6 +91,10 @@ class FeedbackItemSchema(_Base):
         if data.get("outcome") == "accepted" and not data.get("acceptedSuggestions"):
             raise ValidationError(
                 "required when outcome is accepted", "acceptedSuggestions"
+            )
+        if data.get("outcome") == "overridden" and data.get("acceptedSuggestions"):
+            raise ValidationError(
+                "not allowed when outcome is overridden", "acceptedSuggestions"
             )
 
 
@@ -112,13 +127,14 @@ def receive_feedback(service_id: str):
             ),
         )
     body = request.get_json(silent=True)
-    if body is None:
+    if body is None and request.get_data().strip() != b"null":
         raise ServiceError(
             400,
             Issue('Request body must be JSON: {"feedback": [...]}', code="structure"),
         )
     if not isinstance(body, dict):
         raise ServiceError(400, Issue("must be a JSON object", expression="$"))
+    _check_item_count(body.get("feedback"))
     try:
         data = _SCHEMA.load(body)
     except ValidationError as error:
@@ -136,6 +152,29 @@ def receive_feedback(service_id: str):
         },
     )
     return jsonify({"received": len(items), "stored": stored})
+
+
+def _check_item_count(items: object) -> None:
+    # Counted before validation: validating thousands of items is the cost to avoid.
+    limit = _max_items()
+    if isinstance(items, list) and len(items) > limit:
+        raise ServiceError(
+            400,
+            Issue(
+                f"feedback: at most {limit} items per call, not {len(items)}; "
+                "send the rest in further calls",
+                code="too-costly",
+                expression="feedback",
+            ),
+        )
+
+
+def _max_items() -> int:
+    from cds_service.api import EXTENSION_KEY as API_KEY
+
+    state = current_app.extensions.get(API_KEY)
+    settings = getattr(state, "settings", None)
+    return getattr(settings, "max_feedback_items", None) or DEFAULT_MAX_ITEMS
 
 
 def _item(entry: dict) -> FeedbackItem:

@@ -21,6 +21,9 @@ ORDER_SIGN = "order-sign"
 # An order form signs a handful of orders; same-day rules compare every pair, so
 # a bound keeps one hostile call from occupying a worker for minutes.
 MAX_DRAFT_ORDERS = 100
+# Selections missing from draftOrders are named one by one up to this many; a
+# hostile list of thousands gets one more issue counting the rest.
+MAX_NAMED_SELECTIONS = 10
 
 # Invariant ord-1 of the hook library: userId and selections are `Type/id`.
 _REFERENCE = validate.Regexp(
@@ -52,11 +55,29 @@ class DraftOrdersField(fields.Dict):
         if bundle.get("resourceType") != "Bundle":
             raise ValidationError("must be a FHIR Bundle of draft orders")
         entries = bundle.get("entry")
-        if isinstance(entries, list) and len(entries) > MAX_DRAFT_ORDERS:
+        if entries is None:
+            return bundle
+        if not isinstance(entries, list):
+            raise ValidationError({"entry": ["must be an array of Bundle entries"]})
+        if len(entries) > MAX_DRAFT_ORDERS:
             raise ValidationError(
                 f"holds {len(entries)} draft orders; at most {MAX_DRAFT_ORDERS} "
                 "are judged in one call"
             )
+        errors: dict = {}
+        for index, entry in enumerate(entries):
+            if not isinstance(entry, dict):
+                errors[index] = ["must be a Bundle entry (a JSON object)"]
+                continue
+            resource = entry.get("resource")
+            if not isinstance(resource, dict):
+                errors[index] = {
+                    "resource": ["must be a FHIR resource (a JSON object)"]
+                }
+            elif not isinstance(resource.get("resourceType"), str):
+                errors[index] = {"resource": {"resourceType": ["is required"]}}
+        if errors:
+            raise ValidationError({"entry": errors})
         return bundle
 
 
@@ -69,6 +90,45 @@ class OrderContextSchema(_Lenient):
 
 class OrderSelectContextSchema(OrderContextSchema):
     selections = fields.List(fields.Str(validate=_REFERENCE), required=True)
+
+    @validates_schema(skip_on_field_errors=False)
+    def _selections_are_draft_orders(self, data, **kwargs):
+        # CDS Hooks: selections reference resources in draftOrders; one that does
+        # not would silently leave the order meant to be judged unjudged.
+        selections = data.get("selections")
+        if not isinstance(selections, list) or "draftOrders" not in data:
+            return
+        drafts = {
+            f"{resource['resourceType']}/{resource['id']}"
+            for _, resource in draft_resources(data)
+            if isinstance(resource.get("id"), str)
+        }
+        unknown = [
+            (index, selection)
+            for index, selection in enumerate(selections)
+            if selection not in drafts
+        ]
+        errors: dict = {
+            index: [f"{selection} is not among context.draftOrders"]
+            for index, selection in unknown[:MAX_NAMED_SELECTIONS]
+        }
+        if len(unknown) > MAX_NAMED_SELECTIONS:
+            errors[unknown[MAX_NAMED_SELECTIONS][0]] = [
+                f"and {len(unknown) - MAX_NAMED_SELECTIONS} more selections are "
+                "not among context.draftOrders"
+            ]
+        if errors:
+            raise ValidationError({"selections": errors})
+
+
+def draft_resources(context: dict):
+    """(entry index, resource) of each well-formed draft order in `context`."""
+    bundle = context.get("draftOrders")
+    entries = bundle.get("entry") if isinstance(bundle, dict) else None
+    for index, entry in enumerate(entries if isinstance(entries, list) else []):
+        resource = entry.get("resource") if isinstance(entry, dict) else None
+        if isinstance(resource, dict) and isinstance(resource.get("resourceType"), str):
+            yield index, resource
 
 
 class HookRequestSchema(_Lenient):
@@ -116,8 +176,14 @@ class HookRequest:
     extension: dict = field(default_factory=dict)
 
 
-def load_hook_request(body: object, hook: str) -> HookRequest:
-    """Validate `body` as a call of `hook`; raise 400 naming every wrong field."""
+def load_hook_request(
+    body: object, hook: str, templates: dict[str, str] | None = None
+) -> HookRequest:
+    """Validate `body` as a call of `hook`; raise 400 naming every wrong field.
+
+    `templates` are the service's prefetch templates: the value sent under each of
+    their keys must be what the template asks for. Other keys are not read.
+    """
     if not isinstance(body, dict):
         raise ServiceError(400, "Request body must be a JSON object")
     sent_hook = body.get("hook")
@@ -131,10 +197,17 @@ def load_hook_request(body: object, hook: str) -> HookRequest:
             ),
         )
 
+    messages: dict = {}
     try:
         data = SCHEMAS[hook].load(body)
     except ValidationError as error:
-        raise ServiceError(400, list(_issues(error.messages))) from None
+        messages = error.messages
+    prefetch = body.get("prefetch")
+    if isinstance(prefetch, dict) and templates and "prefetch" not in messages:
+        if wrong := _prefetch_errors(prefetch, templates):
+            messages = {**messages, "prefetch": wrong}
+    if messages:
+        raise ServiceError(400, list(_issues(messages)))
 
     context = data["context"]
     authorization = data.get("fhirAuthorization") or {}
@@ -152,6 +225,59 @@ def load_hook_request(body: object, hook: str) -> HookRequest:
         prefetch=data.get("prefetch") or {},
         extension=data.get("extension") or {},
     )
+
+
+def _prefetch_errors(prefetch: dict, templates: dict[str, str]) -> dict:
+    """Each prefetch value that is not what its template asks for, by key.
+
+    Accepted: the template's resource type, a Bundle (a searchset, or a client's
+    own packaging), an OperationOutcome (the client's report that the query
+    failed), null (the client has no such data), and a value wrapped as a Bundle
+    entry (`{"resource": ...}`).
+    """
+    errors = {}
+    for key, template in templates.items():
+        value = prefetch.get(key)
+        if value is None:
+            continue
+        if isinstance(value, dict) and "resourceType" not in value:
+            value = value.get("resource", value)
+        wanted, searched = _template_type(template)
+        expected = (
+            f"a searchset Bundle of {wanted} resources"
+            if searched
+            else f"a {wanted} resource"
+        )
+        sent = value.get("resourceType") if isinstance(value, dict) else None
+        if sent in (wanted, "Bundle", "OperationOutcome"):
+            continue
+        errors[key] = [
+            f"expected {expected}, an OperationOutcome or null, not "
+            + _describe_value(value)
+        ]
+    return errors
+
+
+def _template_type(template: str) -> tuple[str, bool]:
+    """The resource type a prefetch template asks for, and whether it searches."""
+    path, searched = template.split("?", 1)[0], "?" in template
+    resource_type, _, rest = path.partition("/")
+    return resource_type, searched or not rest
+
+
+def _describe_value(value: object) -> str:
+    if isinstance(value, dict):
+        sent = value.get("resourceType")
+        if isinstance(sent, str):
+            return f"a {sent} resource"
+        return "an object without a resourceType"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, (int, float)):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    return "an array"
 
 
 def _issues(messages, path: str = ""):

@@ -12,6 +12,10 @@ from cds_service.config import Settings
 # bearer credential. Neither may reach a log line, whoever wrote the message.
 _JWT = re.compile(r"eyJ[A-Za-z0-9_-]{5,}\.[A-Za-z0-9_-]{5,}\.[A-Za-z0-9_-]*")
 _BEARER = re.compile(r"(?i)\b(bearer)\s+[A-Za-z0-9._~+/=-]{8,}")
+# A FHIR search's query string (`Condition?patient=123&...`) and a patient read
+# (`Patient/123`) name the patient; what reaches a log keeps only the path.
+_QUERY = re.compile(r"(/?\b[A-Z][A-Za-z]+)\?[^\s'\"]+")
+_PATIENT_PATH = re.compile(r"\bPatient/[A-Za-z0-9\-.]{1,64}")
 REDACTED = "[redacted]"
 # Extra fields whose values are credentials whatever they look like.
 _SECRET_FIELDS = frozenset(
@@ -23,8 +27,11 @@ _RECORD_FIELDS = frozenset(vars(logging.makeLogRecord({}))) | {"message", "ascti
 
 
 def scrub(text: str) -> str:
-    """`text` with JWTs and bearer credentials replaced by `[redacted]`."""
+    """`text` with JWTs, bearer credentials and patient ids in FHIR URLs replaced
+    by `[redacted]`."""
     text = _JWT.sub(REDACTED, text)
+    text = _QUERY.sub(lambda match: f"{match.group(1)}?{REDACTED}", text)
+    text = _PATIENT_PATH.sub(f"Patient/{REDACTED}", text)
     return _BEARER.sub(lambda match: f"{match.group(1)} {REDACTED}", text)
 
 
@@ -69,6 +76,10 @@ def configure_logging(
     `create_app` passes `only_if_unconfigured=True`, so that an app embedded in a host
     that set up logging (a test runner, another WSGI server) keeps the host's set-up.
     """
+    # urllib3 logs each retry of the FHIR fallback with the request's URL, whose
+    # query names the patient (`Condition?patient=...`); its warnings add nothing
+    # the fetcher does not log itself. Set even when the host configured logging.
+    logging.getLogger("urllib3").setLevel(logging.ERROR)
     root = logging.getLogger()
     if only_if_unconfigured and root.handlers:
         return

@@ -17,7 +17,7 @@ from cds_service.errors import Issue, ServiceError
 from cds_service.hook_request import HookRequest
 from cds_service.metrics import metrics
 from cds_service.model import CodeSystem, Coding, DataCategory
-from cds_service.record import UNAVAILABLE
+from cds_service.record import UNAVAILABLE, Incomplete
 
 logger = logging.getLogger(__name__)
 
@@ -105,7 +105,8 @@ class FhirFetcher:
     def gather(
         self, hook_request: HookRequest, templates: dict[str, str]
     ) -> dict[DataCategory, object]:
-        """Each category's value: prefetched, fetched, None or UNAVAILABLE.
+        """Each category's value: prefetched, fetched, None, UNAVAILABLE or
+        `Incomplete` (a page that could not be had).
 
         Raises 412 when keys are missing and the request names no fhirServer.
         """
@@ -122,11 +123,35 @@ class FhirFetcher:
                 ),
             )
 
-        fetched = self.fetch(hook_request, {k: templates[k] for k in missing})
+        # Missing keys are searched on fhirServer; a prefetched Bundle with a
+        # `next` page (clients MAY page prefetch) is continued there, under the
+        # same rule as the fallback: the token goes to fhirServer's origin only.
+        base = _base(hook_request.fhir_server) if hook_request.fhir_server else ""
+        urls: dict[str, str] = {}
+        held: dict[str, object] = {}
+        for key in templates:
+            if key not in prefetch:
+                urls[key] = urljoin(base, render(templates[key], hook_request))
+                continue
+            value = held[key] = prefetch[key]
+            link = _next_link(value, base) if _is_bundle(value) else None
+            if link is None:
+                continue
+            if base and urlsplit(link)[:2] == urlsplit(base)[:2]:
+                urls[key] = link
+            else:
+                held[key] = Incomplete(value, "its next page is not on fhirServer")
+
+        fetched = self._fetch(hook_request, urls)
         parts: dict[DataCategory, list] = {}
         for key in templates:
             category = QUERIES[key][0]
-            value = prefetch[key] if key in prefetch else fetched[key]
+            if key not in held:
+                value = fetched[key]
+            elif key in fetched:
+                value = _continued(held[key], fetched[key])
+            else:
+                value = held[key]
             parts.setdefault(category, []).append(value)
         return {
             category: values[0] if len(values) == 1 else tuple(values)
@@ -137,20 +162,27 @@ class FhirFetcher:
         """Run the `templates` against fhirServer; a failed key is UNAVAILABLE."""
         if not templates:
             return {}
-        base = hook_request.fhir_server.rstrip("/") + "/"
+        base = _base(hook_request.fhir_server)
+        return self._fetch(
+            hook_request,
+            {
+                key: urljoin(base, render(template, hook_request))
+                for key, template in templates.items()
+            },
+        )
+
+    def _fetch(self, hook_request: HookRequest, urls: dict[str, str]) -> dict:
+        """GET each of `urls` (on fhirServer) concurrently, within the deadline."""
+        if not urls:
+            return {}
         headers = {"Accept": "application/fhir+json"}
         if hook_request.access_token:
             headers["Authorization"] = f"Bearer {hook_request.access_token}"
         deadline = time.monotonic() + self.settings.fhir_deadline
 
         futures = {
-            key: self.executor.submit(
-                self._search,
-                urljoin(base, render(template, hook_request)),
-                headers,
-                deadline,
-            )
-            for key, template in templates.items()
+            key: self.executor.submit(self._search, url, headers, deadline)
+            for key, url in urls.items()
         }
         wait(futures.values(), timeout=self.settings.fhir_deadline)
 
@@ -174,6 +206,7 @@ class FhirFetcher:
         origin = urlsplit(url)[:2]
         entries: list = []
         visited = {url}
+        partial = None
         _fetch.deadline = deadline
         for _ in range(self.settings.fhir_page_cap):
             remaining = deadline - time.monotonic()
@@ -188,8 +221,7 @@ class FhirFetcher:
             body = response.json()
             if not isinstance(body, dict) or body.get("resourceType") != "Bundle":
                 return body
-            page = body.get("entry") or []
-            entries.extend(page if isinstance(page, list) else [page])
+            entries.extend(_entries(body))
 
             url = _next_link(body, url)
             if url is None:
@@ -197,6 +229,7 @@ class FhirFetcher:
             # The bearer token goes to the client's server only, never elsewhere.
             if urlsplit(url)[:2] != origin:
                 logger.warning("next link to another server not followed")
+                partial = "a next link to another server was not followed"
                 break
             # A server whose `next` points back at a page already read would
             # otherwise return the same entries until the page cap.
@@ -208,7 +241,9 @@ class FhirFetcher:
             logger.warning(
                 "stopped after %d pages (fhir_page_cap)", self.settings.fhir_page_cap
             )
-        return {"resourceType": "Bundle", "type": "searchset", "entry": entries}
+            partial = "paging stopped at fhir_page_cap"
+        bundle = {"resourceType": "Bundle", "type": "searchset", "entry": entries}
+        return Incomplete(bundle, partial) if partial else bundle
 
     def close(self) -> None:
         self.executor.shutdown(wait=False, cancel_futures=True)
@@ -218,6 +253,32 @@ class FhirFetcher:
 def render(template: str, hook_request: HookRequest) -> str:
     """Fill the template's context tokens with URL-quoted values."""
     return template.replace(_PATIENT, quote(hook_request.patient_id, safe=""))
+
+
+def _base(fhir_server: str) -> str:
+    return fhir_server.rstrip("/") + "/"
+
+
+def _is_bundle(value: object) -> bool:
+    return isinstance(value, dict) and value.get("resourceType") == "Bundle"
+
+
+def _entries(bundle: dict) -> list:
+    entries = bundle.get("entry") or []
+    return entries if isinstance(entries, list) else [entries]
+
+
+def _continued(first: dict, rest: object) -> object:
+    """A prefetched Bundle joined with the pages fetched after it."""
+    if isinstance(rest, Incomplete):
+        return Incomplete(_continued(first, rest.value), rest.reason)
+    if not _is_bundle(rest):
+        return Incomplete(first, "its next page could not be fetched")
+    return {
+        "resourceType": "Bundle",
+        "type": "searchset",
+        "entry": _entries(first) + _entries(rest),
+    }
 
 
 def _next_link(bundle: dict, current: str) -> str | None:

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import copy
+import functools
 import logging
 import re
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from fhir.resources.R4B import get_fhir_model_class
 from pydantic import ValidationError
@@ -23,6 +25,7 @@ from cds_service.model import (
     ProcedureFact,
 )
 from cds_service.orders import codings_of, concept_text
+from cds_service.references import other_patient_element
 
 logger = logging.getLogger(__name__)
 
@@ -35,6 +38,19 @@ class Unavailable:
 
 
 UNAVAILABLE = Unavailable()
+
+
+@dataclass(frozen=True)
+class Incomplete:
+    """A value known to hold only part of its category: paging stopped at the cap,
+    or a `next` link could not be followed. What it holds is read, and the
+    category is still marked unavailable, since the rest might change a criterion.
+    `reason` is logged, so it must never carry patient data.
+    """
+
+    value: object
+    reason: str
+
 
 # LOINC answer codes of the 0-10 numeric pain scale (LL2335-9), as listed in
 # shared/reference/codes.md section 3; an Observation may carry one of these in
@@ -81,19 +97,33 @@ def build_record(
     """The facts in `values`, keeping only resources some criterion reads.
 
     Each value is a resource, a searchset Bundle, an OperationOutcome, None (the
-    client has no data), `UNAVAILABLE`, or a tuple of these when several prefetch
-    keys feed one category (MedicationRequest and MedicationStatement).
+    client has no data), `UNAVAILABLE`, an `Incomplete` one of these, or a tuple
+    of these when several prefetch keys feed one category (MedicationRequest and
+    MedicationStatement).
+
+    A category whose data is known to be partial is marked unavailable, not read
+    as complete: a failed or `Incomplete` value, or a resource some criterion
+    would read that fails validation. Resources about another patient than
+    `patient_id` are left out.
     """
     record = PatientRecord(patient_id=patient_id)
     seen: set[tuple[str, str]] = set()
     relevant = _RelevanceMemo(is_relevant)
+    partial: dict[DataCategory, list[str]] = {}
+    others = 0
     for category, value in values.items():
         parts = value if isinstance(value, tuple) else (value,)
         complete = True
         for part in parts:
+            if isinstance(part, Incomplete):
+                partial.setdefault(category, []).append(part.reason)
+                part = part.value
             resources, ok = _unpack(part)
             complete = complete and ok
             for resource in resources:
+                if other_patient_element(resource, patient_id):
+                    others += 1
+                    continue
                 identity = (resource["resourceType"], resource.get("id"))
                 if isinstance(identity[1], str):
                     if identity in seen:
@@ -103,11 +133,25 @@ def build_record(
                 if codings:
                     count = record.received_coded.get(category, 0)
                     record.received_coded[category] = count + 1
-                _add(record, resource, codings, relevant)
+                if not _add(record, resource, codings, relevant):
+                    skipped = _CATEGORY_OF_TYPE[resource["resourceType"]]
+                    partial.setdefault(skipped, []).append(
+                        f"an invalid {resource['resourceType']} was skipped"
+                    )
         if complete:
             record.retrieved.add(category)
         else:
             record.unavailable.add(category)
+    for category, reasons in partial.items():
+        logger.warning(
+            "%s treated as unavailable: %s",
+            category.value,
+            "; ".join(dict.fromkeys(reasons)),
+        )
+        record.retrieved.discard(category)
+        record.unavailable.add(category)
+    if others:
+        logger.warning("left out %d resource(s) about another patient", others)
     return record
 
 
@@ -163,22 +207,24 @@ def _summary(outcome: dict) -> str:
     )
 
 
-def _add(record: PatientRecord, resource: dict, codings: list[dict], relevant) -> None:
+def _add(record: PatientRecord, resource: dict, codings: list[dict], relevant) -> bool:
+    """Add the resource's fact; False when a resource a criterion would read is
+    invalid and so left out (its category is then incomplete)."""
     resource_type = resource["resourceType"]
     if resource_type == "Patient":
         if record.patient_id is None and isinstance(resource.get("id"), str):
             record.patient_id = resource["id"]
-        return
+        return True
     if resource_type not in _CATEGORY_OF_TYPE:
-        return
+        return True
     # Judged on the raw codings, before any model is built: validating a resource
     # costs some 20 times parsing it, and most of a long history is never read.
     if resource_type != "Coverage" and not any(map(relevant, codings)):
-        return
+        return True
 
     valid = validated(resource)
     if valid is None:
-        return
+        return False
     reference = f"{resource_type}/{valid.get('id', '#')}"
     if resource_type == "Condition":
         record.conditions.append(_condition(valid, reference))
@@ -190,6 +236,7 @@ def _add(record: PatientRecord, resource: dict, codings: list[dict], relevant) -
         record.medications.append(_medication(valid, reference))
     else:
         record.coverages.append(_coverage(valid, reference))
+    return True
 
 
 def _raw_codings_read(resource: dict) -> list[dict]:
@@ -258,8 +305,8 @@ def validated(resource: dict) -> dict | None:
     """
     resource_type = resource.get("resourceType")
     try:
-        model = get_fhir_model_class(resource_type)
-    except KeyError:
+        model = _model_class(resource_type)
+    except (KeyError, ValueError):
         return None
 
     data = resource
@@ -283,6 +330,10 @@ def validated(resource: dict) -> dict | None:
         ".".join(str(step) for step in first) or "(resource)",
     )
     return None
+
+
+# The lookup imports the model's module on every call; the classes never change.
+_model_class = functools.lru_cache(maxsize=64)(get_fhir_model_class)
 
 
 def _repair(data: dict, errors: list[dict]) -> bool:

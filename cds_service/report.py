@@ -5,16 +5,20 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
 from collections import Counter, defaultdict
 from datetime import UTC, datetime, time
 
 from dateutil import parser as dateparser
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 
 from cards.content import override_reasons
 from cds_service.config import PREFIX, Settings
-from cds_service.storage import Store
+from cds_service.storage import Store, safe_hook
 
 TARGET_MS = 500  # CDS Hooks: answer "on the order of 500 ms"
+DEFAULT_URL = Settings.database_url
 
 
 def add_command(subcommands) -> None:
@@ -22,11 +26,14 @@ def add_command(subcommands) -> None:
         "report",
         help="summarise the audit record: calls, determinations, feedback, latency",
         description="Reads the audit and feedback record of the database the service "
-        f"writes to ({PREFIX}DATABASE_URL or --database-url).",
+        f"writes to ({PREFIX}DATABASE_URL or --database-url). The default, "
+        f"{DEFAULT_URL}, is a file relative to the current directory: run the "
+        "report where the service runs, or give the URL.",
     )
     parser.add_argument(
         "--database-url",
-        help=f"SQLAlchemy URL of the record [{PREFIX}DATABASE_URL]",
+        help=f"SQLAlchemy URL of the record [{PREFIX}DATABASE_URL; default "
+        f"{DEFAULT_URL}, relative to the current directory]",
     )
     parser.add_argument(
         "--since", type=_when, help="only calls from this date or time (UTC)"
@@ -47,6 +54,13 @@ def report_command(args: argparse.Namespace) -> int:
             store.calls(args.since, args.until),
             store.feedback_items(args.since, args.until),
         )
+    except SQLAlchemyError as error:
+        reason = " ".join(str(getattr(error, "orig", None) or error).split())
+        print(
+            f"pain-cds: cannot read the database {_safe_name(url)}: {reason}",
+            file=sys.stderr,
+        )
+        return 2
     finally:
         store.dispose()
     if getattr(args, "json", False):
@@ -56,12 +70,22 @@ def report_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def _safe_name(url: str) -> str:
+    """The URL without its password, for an error message."""
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except ArgumentError:
+        return "(not a SQLAlchemy URL)"
+
+
 def summarise(calls: list[dict], feedback: list[dict]) -> dict:
     """The report as data (the text form and `--json` both come from it)."""
     by_hook: dict[str, Counter] = defaultdict(Counter)
     determinations: dict[str, Counter] = defaultdict(Counter)
     for call in calls:
-        by_hook[call["hook"] or "(unknown)"][_call_outcome(call["status"])] += 1
+        # Rows written before hooks were checked may hold caller text: not shown.
+        hook = safe_hook(call["hook"]) or "(unknown)"
+        by_hook[hook][_call_outcome(call["status"])] += 1
         for item in call["determinations"] or []:
             determinations[str(item.get("code"))][str(item.get("outcome"))] += 1
 

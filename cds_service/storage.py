@@ -34,6 +34,17 @@ _AUDIT_FIELDS = (
     "card_summaries",
 )
 
+# What a caller sends is stored only when it is one of a few known shapes, so that
+# free text (a patient's name or birth date typed into the wrong field) never
+# reaches the record: hooks we serve, uuids, billing-code-shaped codes.
+SERVED_HOOKS = ("order-select", "order-sign")
+UNSUPPORTED = "unsupported"
+_UUID = re.compile(
+    r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$", re.IGNORECASE
+)
+# CPT (5 digits, or 4 digits and a letter) and HCPCS Level II (a letter, 4 digits).
+_BILLING_CODE = re.compile(r"^(?:[0-9]{4}[0-9A-Z]|[A-Z][0-9]{4})$")
+
 
 class UTCDateTime(sa.types.TypeDecorator):
     """Timestamps stored as naive UTC everywhere, read back as aware UTC.
@@ -219,11 +230,15 @@ class Store:
         """Store one hook call; only the audit fields are kept (never a token)."""
         row = {
             "at": entry.get("at") or datetime.now(UTC),
-            "hook_instance": _text(entry.get("hook_instance"), 128),
+            "hook_instance": safe_hook_instance(entry.get("hook_instance")),
             "service": _text(entry.get("service"), 128),
-            "hook": _text(entry.get("hook"), 64),
-            "order_codes": list(entry.get("order_codes") or []),
-            "determinations": list(entry.get("determinations") or []),
+            "hook": safe_hook(entry.get("hook")),
+            "order_codes": [_code(code) for code in _list(entry.get("order_codes"))],
+            "determinations": [
+                {"code": _code(item.get("code")), "outcome": item.get("outcome")}
+                for item in _list(entry.get("determinations"))
+                if isinstance(item, dict)
+            ],
             "card_summaries": list(entry.get("card_summaries") or []),
             "status": int(entry["status"]),
             "duration_ms": float(entry["duration_ms"]),
@@ -264,11 +279,8 @@ class Store:
             }
             for item in items
         ]
-        stored = 0
         with self.session() as session:
-            for row in rows:
-                stored += self._insert_new(session, feedback, row)
-        return stored
+            return self._insert_many_new(session, feedback, rows)
 
     def feedback_items(
         self, since: datetime | None = None, until: datetime | None = None
@@ -372,6 +384,27 @@ class Store:
 
     # --- helpers -----------------------------------------------------------------
 
+    def _insert_many_new(
+        self, session: Session, table: sa.Table, rows: list[dict]
+    ) -> int:
+        """Insert rows in one batched statement, skipping existing unique keys.
+
+        Returns how many were inserted. One round trip per batch, not per row:
+        a feedback call with a hundred items is one statement.
+        """
+        if not rows:
+            return 0
+        if self.dialect == "postgresql":
+            statement = postgresql.insert(table).on_conflict_do_nothing()
+        elif self.dialect == "sqlite":
+            statement = sqlite.insert(table).on_conflict_do_nothing()
+        else:
+            return sum(self._insert_new(session, table, row) for row in rows)
+        inserted = session.execute(
+            statement.returning(*table.primary_key.columns), rows
+        )
+        return len(inserted.all())
+
     def _insert_new(self, session: Session, table: sa.Table, row: dict) -> int:
         """Insert unless a row with the same unique key exists; 1 if inserted."""
         if self.dialect == "postgresql":
@@ -405,6 +438,26 @@ def _sqlite_pragmas(connection, _record) -> None:
 
 def _text(value: object, limit: int) -> str | None:
     return value[:limit] if isinstance(value, str) and value else None
+
+
+def safe_hook(value: object) -> str | None:
+    """The hook as recorded: one we serve, "unsupported" for anything else."""
+    if value is None:
+        return None
+    return value if value in SERVED_HOOKS else UNSUPPORTED
+
+
+def safe_hook_instance(value: object) -> str | None:
+    """A hookInstance is kept only when it is a uuid (CDS Hooks 2.0 says it is)."""
+    return value.lower() if isinstance(value, str) and _UUID.match(value) else None
+
+
+def _code(value: object) -> str:
+    return value if isinstance(value, str) and _BILLING_CODE.match(value) else "other"
+
+
+def _list(value: object) -> list:
+    return list(value) if isinstance(value, list | tuple) else []
 
 
 # --- Flask wiring ----------------------------------------------------------------
@@ -448,13 +501,21 @@ def _audit_row(response: Response) -> dict:
     given = g.get("audit_entry") or _from_body(response.status_code)
     entry = {key: given.get(key) for key in _AUDIT_FIELDS}
     if not entry["service"]:
-        entry["service"] = (request.view_args or {}).get("service_id") or (
-            request.path.rstrip("/").rsplit("/", 1)[-1]
+        entry["service"] = _served_service(
+            (request.view_args or {}).get("service_id")
+            or request.path.rstrip("/").rsplit("/", 1)[-1]
         )
     entry.update(
         at=datetime.now(UTC), status=response.status_code, duration_ms=duration
     )
     return entry
+
+
+def _served_service(service_id: str) -> str:
+    """The path's service id when it names one of ours, else "unsupported"."""
+    from cds_service.api import SERVICES
+
+    return service_id if service_id in SERVICES else UNSUPPORTED
 
 
 def _from_body(status: int) -> dict:

@@ -16,6 +16,7 @@ from cds_service.errors import Issue, ServiceError, register_error_handlers
 
 SECRET_TOKEN = "eyJhbGciOiJFUzM4NCJ9.c2VjcmV0LXRva2VuLW5ldmVyLXN0b3JlZA.sig"
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
+HI = {i: f"d5b6a3c2-1f0e-4d9c-8b7a-6e5f4d3c2b{i:02d}" for i in range(1, 10)}
 
 
 @pytest.fixture
@@ -65,11 +66,11 @@ def call(client, body, token=True):
 
 def test_answered_call_is_recorded_with_every_field(audited_client, store):
     before = datetime.now(UTC)
-    status = call(audited_client, {"hook": "order-sign", "hookInstance": "hi-1"})
+    status = call(audited_client, {"hook": "order-sign", "hookInstance": HI[1]})
 
     assert status == 200
     [row] = store.calls()
-    assert row["hook_instance"] == "hi-1"
+    assert row["hook_instance"] == HI[1]
     assert row["service"] == "pain-management-order-sign"
     assert row["hook"] == "order-sign"
     assert row["order_codes"] == ["64493", "97110"]
@@ -81,16 +82,62 @@ def test_answered_call_is_recorded_with_every_field(audited_client, store):
 
 
 def test_refused_and_rejected_calls_are_recorded_too(audited_client, store):
-    call(audited_client, {"hook": "order-select", "hookInstance": "hi-2"})
-    call(audited_client, {"hook": "order-sign", "hookInstance": "hi-3"}, token=False)
+    call(audited_client, {"hook": "order-select", "hookInstance": HI[2]})
+    call(audited_client, {"hook": "order-sign", "hookInstance": HI[3]}, token=False)
 
     rows = store.calls()
     assert [(r["status"], r["hook_instance"], r["hook"]) for r in rows] == [
-        (400, "hi-2", "order-select"),
+        (400, HI[2], "order-select"),
         # The body of an unauthenticated call is not even read.
         (401, None, None),
     ]
     assert all(r["service"] == "pain-management-order-sign" for r in rows)
+
+
+@pytest.mark.parametrize(
+    "hook, hook_instance, recorded",
+    [
+        ("Zzyzxfamily-1931-07-19", "Zzyzx family 1931-07-19", ("unsupported", None)),
+        ("patient-view", HI[7].upper(), ("unsupported", HI[7])),
+        ({"name": "x"}, "x" * 5000, ("unsupported", None)),
+        ("order-select", "fixture-tpi-routine", ("order-select", None)),
+        (None, None, (None, None)),
+    ],
+)
+def test_caller_text_is_never_stored(
+    audited_client, store, hook, hook_instance, recorded
+):
+    call(audited_client, {"hook": hook, "hookInstance": hook_instance})
+
+    [row] = store.calls()
+    assert (row["hook"], row["hook_instance"]) == recorded
+    assert row["status"] == 400
+
+
+def test_caller_codes_and_service_paths_are_not_stored_as_sent(store):
+    store.record_call(
+        {
+            "hook_instance": HI[8],
+            "service": "pain-management-order-sign",
+            "hook": "order-sign",
+            "order_codes": ["64493", "J1170", "Zzyzx 1931-07-19", 97110, "0766T"],
+            "determinations": [{"code": "Zzyzx", "outcome": "covered", "x": "y"}],
+            "card_summaries": [],
+            "status": 200,
+            "duration_ms": 1.0,
+        }
+    )
+
+    [row] = store.calls()
+    assert row["order_codes"] == ["64493", "J1170", "other", "other", "0766T"]
+    assert row["determinations"] == [{"code": "other", "outcome": "covered"}]
+
+
+def test_a_call_to_an_unknown_service_path_is_recorded_as_unsupported(client, app):
+    with client.post("/cds-services/Zzyzxfamily-1931-07-19", json={}) as response:
+        assert response.status_code == 404
+    [row] = app.extensions["store"].calls()
+    assert (row["service"], row["hook"], row["status"]) == ("unsupported", None, 404)
 
 
 def test_other_endpoints_are_not_hook_calls(audited_client, store):
@@ -100,8 +147,8 @@ def test_other_endpoints_are_not_hook_calls(audited_client, store):
 
 
 def test_no_token_is_ever_stored(audited_client, store, tmp_path):
-    call(audited_client, {"hook": "order-sign", "hookInstance": "hi-4"})
-    call(audited_client, {"hook": "order-sign", "hookInstance": "hi-5"}, token=False)
+    call(audited_client, {"hook": "order-sign", "hookInstance": HI[4]})
+    call(audited_client, {"hook": "order-sign", "hookInstance": HI[5]}, token=False)
 
     dumped = json.dumps(store.calls(), default=str)
     assert SECRET_TOKEN not in dumped and "access_token" not in dumped
@@ -126,6 +173,7 @@ def test_the_service_audits_its_hook_calls(client, app):
     body = json.loads(
         next(FIXTURES.rglob("facet-myofascial-excluded.json")).read_text()
     )
+    body["hookInstance"] = HI[6]
     with client.post("/cds-services/pain-management-order-sign", json=body) as response:
         assert response.status_code == 200
     [row] = app.extensions["store"].calls()

@@ -9,7 +9,13 @@ from pathlib import Path
 
 import pytest
 
-from cards import CardOptions, build_response, discovery_extension, order_fingerprint
+from cards import (
+    CardOptions,
+    build_response,
+    content,
+    discovery_extension,
+    order_fingerprint,
+)
 from cds_service.model import DataCategory
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
@@ -422,10 +428,13 @@ def test_configuration_turns_card_types_off_and_ignores_unknown_options(kit):
     "configuration",
     [
         {"max-cards": "many"},
+        {"max-cards": "1"},
         {"max-cards": -1},
+        {"max-cards": 1.5},
         {"max-cards": True},
         {"off-guideline": "sometimes"},
         {"off-guideline": None},
+        {"off-guideline": "false"},
         "not an object",
         ["coverage-info"],
     ],
@@ -447,6 +456,19 @@ def test_max_cards_keeps_warnings_first(kit):
 
     none = CardOptions.from_request({"davinci-crd.configuration": {"max-cards": 0}})
     assert respond(kit, [warning], options=none)["cards"] == []
+
+
+def test_max_cards_as_a_string_is_ignored_and_the_default_holds(kit):
+    reminder = kit.facet_pain_undocumented(kit.order(order_id="a"))
+    warning = kit.facet_myofascial(kit.order(order_id="b"))
+    options = CardOptions.from_request(
+        {"davinci-crd.configuration": {"max-cards": "1", "off-guideline": "false"}}
+    )
+
+    answer = respond(kit, [reminder, warning], options=options)
+
+    assert options.max_cards == 10
+    assert [card["indicator"] for card in answer["cards"]] == ["warning", "info"]
 
 
 def test_coverage_info_off_drops_system_actions(kit):
@@ -582,7 +604,59 @@ def test_an_order_listed_twice_gets_one_card_and_one_action(kit):
     assert len(answer["systemActions"]) == 1
 
 
-def test_criterion_phrases_name_existing_rules_and_stay_short():
+def _summaries_of_every_criterion():
+    """Each rule's summaries as cards word them, for its longest order label.
+
+    The templates are those a rule of its role can appear in, with the largest
+    "(+N more)" its rule set can produce.
+    """
+    from cards.content import criterion_phrase, criterion_to_document
+    from cards.render import SUMMARY_TEMPLATES, name_criterion
+    from cds_service.guideline import Guideline
+    from cds_service.model import CriterionResult, Role, State
+
+    def named(rule, state):
+        result = CriterionResult(rule.id, "s", rule.text, rule.role, state, "")
+        return name_criterion(result)
+
+    summaries = {}
+    for rule_set in Guideline.load().rule_sets.values():
+        more = f" (+{len(rule_set.rules) - 1} more)"
+        for rule in rule_set.rules:
+            codes = [c for c in rule_set.codes if rule.codes is None or c in rule.codes]
+            label = max((f"{c} {content.short_name(c)}" for c in codes), key=len)
+            assert criterion_phrase(rule.id) or criterion_to_document(rule.id)
+            kinds = {
+                Role.EXCLUSION: ["exclusion"],
+                Role.LIMIT: ["limit"],
+                Role.REQUIREMENT: ["unmet"],
+                Role.REVIEW: [],
+            }[rule.role]
+            texts = [
+                SUMMARY_TEMPLATES[kind].format(
+                    label=label, issue=named(rule, State.NOT_MET), more=more
+                )
+                for kind in kinds
+            ]
+            texts.append(
+                SUMMARY_TEMPLATES["undocumented"].format(
+                    label=label, issue=named(rule, State.NOT_DOCUMENTED), more=more
+                )
+            )
+            if rule.id.startswith(content.image_guided_triggers()):
+                texts.append(
+                    SUMMARY_TEMPLATES["alternative"].format(
+                        alternative="62321",
+                        label=label,
+                        issue=named(rule, State.NOT_MET),
+                        more=more,
+                    )
+                )
+            summaries.setdefault(rule.id, []).extend(texts)
+    return summaries
+
+
+def test_every_criterion_has_a_phrase_that_fits_its_summaries():
     import yaml
 
     rules_dir = Path(__file__).resolve().parent.parent / "cds_service/guideline/rules"
@@ -591,10 +665,42 @@ def test_criterion_phrases_name_existing_rules_and_stay_short():
         for path in rules_dir.glob("*.yaml")
         for rule in (yaml.safe_load(path.read_text()) or {}).get("rules", [])
     }
-    phrases_file = Path(__file__).resolve().parent.parent / "cards/criteria.yaml"
-    phrases = yaml.safe_load(phrases_file.read_text())["phrases"]
-    assert sorted(set(phrases) - rule_ids) == []  # no phrase for a renamed rule
-    assert [p for p in phrases.values() if len(p) > 70] == []
+    summaries = _summaries_of_every_criterion()
+    phrases = yaml.safe_load(
+        (Path(content.__file__).parent / "criteria.yaml").read_text()
+    )
+
+    assert set(summaries) == rule_ids
+    assert sorted(rule_ids - set(phrases["phrases"])) == []  # every rule has one
+    # No phrase for a renamed rule.
+    assert sorted(set(phrases["phrases"]) - rule_ids) == []
+    assert sorted(set(phrases["to_document"]) - rule_ids) == []
+    too_long = {
+        rule_id: [(len(text), text) for text in texts if len(text) > 139]
+        for rule_id, texts in summaries.items()
+    }
+    assert {k: v for k, v in too_long.items() if v} == {}
+    assert not any("…" in text for texts in summaries.values() for text in texts)
+
+
+def test_summaries_of_the_longest_labels_read_as_written():
+    summaries = _summaries_of_every_criterion()
+
+    assert (
+        "Document for 64480 cervical/thoracic transforaminal epidural, added level: "
+        "why a second spinal injection is needed the same day (+10 more)"
+    ) in summaries["same-day-single-procedure"]
+    assert summaries["acupuncture-excluded"] == [
+        "Remove 97813 electroacupuncture, initial 15 minutes, not covered: "
+        "acupuncture, except Medicare Dual Eligible and VIP Essential (+2 more)",
+        "Document for 97813 electroacupuncture, initial 15 minutes: "
+        "the member's plan (acupuncture: Medicare dual or VIP Essential only) "
+        "(+2 more)",
+    ]
+    assert (
+        "Document for 62325 cervical/thoracic epidural catheter, image-guided: "
+        "failed oral antispasmodics for spasticity (+5 more)"
+    ) in summaries["infusion-spasticity-failed-oral"]
 
 
 def test_every_guideline_code_has_a_short_name_for_cards():
@@ -608,3 +714,85 @@ def test_every_guideline_code_has_a_short_name_for_cards():
     }
 
     assert sorted(code for code in codes if short_name(code) is None) == []
+
+
+@pytest.mark.parametrize(
+    "fixture, order, indicator, summary",
+    [
+        (
+            "more/acupuncture-unknown.json",
+            "97813",
+            "info",
+            "Document for 97813 electroacupuncture, initial 15 minutes: the member's "
+            "plan (acupuncture: Medicare dual or VIP Essential only)",
+        ),
+        (
+            "spine/esi-same-day-with-facet.json",
+            "62323",
+            "info",
+            "Document for 62323 lumbar/sacral epidural, image-guided: why a second "
+            "spinal injection is needed the same day",
+        ),
+        (
+            # Limitations 5: denied unless medically necessary, so a warning.
+            "more/sedation-with-facet-done-today.json",
+            "99152",
+            "warning",
+            "Document for 99152 moderate sedation by proceduralist: why sedation or "
+            "MAC is medically necessary",
+        ),
+    ],
+)
+def test_documentation_cards_say_what_to_document(
+    client, fixture, order, indicator, summary
+):
+    from conftest import FIXTURES
+
+    body = json.loads((FIXTURES / fixture).read_text())
+    with client.post("/cds-services/pain-management-order-sign", json=body) as r:
+        answer = r.get_json()
+
+    [card] = [
+        c for c in answer["cards"] if c["summary"].startswith(f"Document for {order}")
+    ]
+    assert (card["indicator"], card["summary"]) == (indicator, summary)
+    reasons = [
+        item["valueCodeableConcept"]["text"]
+        for action in answer["systemActions"]
+        if action["resource"]["id"].endswith(order)
+        for extension in action["resource"]["extension"]
+        for item in extension["extension"]
+        if item["url"] == "reason"
+    ]
+    assert reasons == ["Not documented: " + summary.split(": ", 1)[1]]
+
+
+def test_sedation_with_an_epidural_is_conditional_not_denied(client):
+    from conftest import FIXTURES
+
+    body = json.loads((FIXTURES / "more/sedation-with-epidural.json").read_text())
+    with client.post("/cds-services/pain-management-order-sign", json=body) as r:
+        [card] = [c for c in r.get_json()["cards"] if "01992" in c["summary"]]
+
+    assert card["indicator"] == "warning"
+    assert card["summary"] == (
+        "Document for 01992 anaesthesia for nerve block, prone: why sedation or MAC "
+        "is medically necessary"
+    )
+    assert "Modifier 59 does not override this" in card["detail"]
+    assert "**Not documented**" in card["detail"]
+    assert [s["label"] for s in card.get("suggestions", [])] == []
+
+
+def test_a_long_list_of_unavailable_data_is_summarised_whole(kit):
+    from cards.render import data_card
+
+    card = data_card(
+        [kit.conditions_unavailable()], set(DataCategory), ["f"], CardOptions()
+    )
+
+    assert card["summary"] == (
+        "Coverage not fully checked for 64493 lumbar/sacral facet injection: "
+        "patient data unavailable"
+    )
+    assert "insurance coverage" in card["detail"]

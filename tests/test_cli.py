@@ -49,6 +49,8 @@ def test_serve_answers_both_hooks(served):
     )
     sign_body = realdata("crd-test-kit__order_select_hook_request.json")
     sign_body["hook"] = "order-sign"
+    # The fixture's orders are for Patient/1288992, its context for `example`.
+    sign_body["context"]["patientId"] = "1288992"
     sign = requests.post(
         f"{url}/cds-services/pain-management-order-sign", json=sign_body, timeout=10
     )
@@ -124,4 +126,68 @@ def test_evaluate_reports_a_bad_request(tmp_path, capsys):
     assert status == 1
     assert capsys.readouterr().out == (
         "HTTP 400\n  - context.patientId: Missing data for required field.\n"
+    )
+
+
+def test_evaluate_refuses_json_nested_too_deeply(tmp_path, capsys):
+    path = tmp_path / "deep.json"
+    path.write_text("[" * 100_000 + "]" * 100_000)
+
+    status = main(["evaluate", str(path)])
+
+    assert status == 2
+    assert capsys.readouterr().err == (
+        f"pain-cds: cannot read {path}: JSON nested too deeply\n"
+    )
+
+
+def test_evaluate_names_a_missing_hook(tmp_path, capsys):
+    body = realdata(SANDBOX_SELECT.name)
+    del body["hook"]
+    path = tmp_path / "no-hook.json"
+    path.write_text(json.dumps(body))
+
+    status = main(["evaluate", str(path)])
+
+    assert status == 2
+    assert capsys.readouterr().err == (
+        f"pain-cds: the request in {path} has no `hook` "
+        "(expected one of order-select, order-sign)\n"
+    )
+
+
+def test_report_on_a_missing_database_is_one_line(capsys):
+    status = main(["report", "--database-url", "sqlite:////nonexistent/x.db"])
+
+    assert status == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err == (
+        "pain-cds: cannot read the database sqlite:////nonexistent/x.db: "
+        "unable to open database file\n"
+    )
+
+
+def test_report_error_hides_the_database_password(capsys):
+    url = "postgresql+psycopg://postgres:s3cret-pw@127.0.0.1:1/test"
+
+    status = main(["report", "--database-url", url])
+
+    assert status == 2
+    err = capsys.readouterr().err
+    assert err.startswith(
+        "pain-cds: cannot read the database "
+        "postgresql+psycopg://postgres:***@127.0.0.1:1/test: "
+    )
+    assert "s3cret-pw" not in err and len(err.splitlines()) == 1
+
+
+def test_report_help_says_the_default_database_is_relative(capsys):
+    with pytest.raises(SystemExit):
+        main(["report", "--help"])
+
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert (
+        "[PAIN_CDS_DATABASE_URL; default sqlite:///pain-cds.sqlite, relative to the "
+        "current directory]" in help_text
     )

@@ -187,3 +187,97 @@ def test_feedback_through_the_service(client, app):
     with client.post(URL, json={"feedback": [accepted()]}) as response:
         assert response.status_code == 200
     assert len(app.extensions["store"].feedback_items()) == 1
+
+
+def test_more_items_than_the_cap_are_refused_before_validation(feedback_client, store):
+    items = [accepted(when=f"2026-12-03T18:{m:02d}:00Z") for m in range(50)] * 3
+
+    status, outcome = post(feedback_client, {"feedback": items})
+
+    assert status == 400
+    assert outcome["issue"] == [
+        {
+            "severity": "error",
+            "code": "too-costly",
+            "diagnostics": "feedback: at most 100 items per call, not 150; "
+            "send the rest in further calls",
+            "expression": ["feedback"],
+        }
+    ]
+    assert store.feedback_items() == []
+
+
+def test_the_cap_is_a_setting(client, app, monkeypatch):
+    from cds_service.api import EXTENSION_KEY
+
+    state = app.extensions[EXTENSION_KEY]
+    monkeypatch.setattr(state.settings, "max_feedback_items", 2)
+    items = [accepted(when=f"2026-12-03T18:0{m}:00Z") for m in range(3)]
+    with client.post(URL, json={"feedback": items}) as response:
+        assert response.status_code == 400
+        assert response.get_json()["issue"][0]["diagnostics"].startswith(
+            "feedback: at most 2 items per call, not 3"
+        )
+    with client.post(URL, json={"feedback": items[:2]}) as response:
+        assert response.get_json() == {"received": 2, "stored": 2}
+
+
+def test_a_card_that_is_not_a_uuid_is_named(feedback_client, store):
+    status, outcome = post(
+        feedback_client,
+        {"feedback": [accepted(), accepted(card="Zzyzx family 1931-07-19")]},
+    )
+
+    assert status == 400
+    assert [(i["expression"], i["diagnostics"]) for i in outcome["issue"]] == [
+        (
+            ["feedback[1].card"],
+            "feedback[1].card: must be the uuid of a card we returned",
+        )
+    ]
+    assert store.feedback_items() == []
+
+
+def test_accepted_suggestions_on_an_override_are_refused(feedback_client, store):
+    item = overridden() | {"acceptedSuggestions": [{"id": CARD}]}
+
+    status, outcome = post(feedback_client, {"feedback": [item]})
+
+    assert status == 400
+    assert [(i["expression"], i["diagnostics"]) for i in outcome["issue"]] == [
+        (
+            ["feedback[0].acceptedSuggestions"],
+            "feedback[0].acceptedSuggestions: not allowed when outcome is overridden",
+        )
+    ]
+
+
+def test_a_full_batch_is_stored_in_one_statement(feedback_client, store):
+    import sqlalchemy as sa
+
+    items = [accepted(when=f"2026-12-03T18:{m:02d}:00Z") for m in range(60)]
+    items += [overridden(when=f"2026-12-03T19:{m:02d}:00Z") for m in range(40)]
+    inserts = []
+
+    def count(conn, cursor, statement, parameters, context, executemany):
+        words = statement.split()
+        if words[:2] == ["INSERT", "INTO"] and words[2].endswith("cds_feedback"):
+            inserts.append(statement)
+
+    sa.event.listen(store.engine, "before_cursor_execute", count)
+    try:
+        status, body = post(feedback_client, {"feedback": items})
+        again = post(feedback_client, {"feedback": items[:10]})
+    finally:
+        sa.event.remove(store.engine, "before_cursor_execute", count)
+
+    assert (status, body) == (200, {"received": 100, "stored": 100})
+    assert again == (200, {"received": 10, "stored": 0})
+    assert len(inserts) == 2  # one per call, not one per item
+    assert len(store.feedback_items()) == 100
+
+
+def test_a_null_body_must_be_an_object(feedback_client):
+    with feedback_client.post(URL, data="null", content_type="application/json") as r:
+        assert r.status_code == 400
+        assert r.get_json()["issue"][0]["diagnostics"] == "must be a JSON object"

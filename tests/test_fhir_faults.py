@@ -341,7 +341,8 @@ def spine_call(fhir_server: str, missing: tuple[str, ...] = ("conditions",)) -> 
     body = spine_request(fhir_server)
     for key in missing:
         del body["prefetch"][key]
-    body["prefetch"]["coverage"] = _bundle([COVERAGE])
+    patient = {"reference": f"Patient/{body['context']['patientId']}"}
+    body["prefetch"]["coverage"] = _bundle([{**COVERAGE, "beneficiary": patient}])
     body["fhirAuthorization"] = {
         "access_token": TOKEN,
         "token_type": "Bearer",
@@ -412,6 +413,20 @@ def test_lost_data_is_not_documented_never_met(fault_app, stand_in):
     )
     assert "**Not documented** (data could not be retrieved)" in radicular
     assert "The patient's conditions could not be retrieved from the EHR." in radicular
+
+
+def test_fallback_fetch_to_an_unreachable_server_logs_no_patient_id(fault_app, caplog):
+    # Nothing listens on port 9 (discard): every connect is refused and retried.
+    body = spine_call("http://127.0.0.1:9/fhir")
+    patient_id = body["context"]["patientId"]
+
+    with caplog.at_level(logging.DEBUG):
+        response = fault_app.test_client().post(SIGN, json=body)
+
+    assert response.status_code == 200
+    assert "fetch of conditions failed: ConnectionError" in caplog.messages
+    assert patient_id not in caplog.text
+    assert "Condition?patient" not in caplog.text
 
 
 def test_everything_missing_and_the_ehr_down_is_still_answered(fault_app):
@@ -585,7 +600,7 @@ def test_logs_of_a_full_run_hold_no_token_jwt_name_or_birth_date(
         root.handlers[:] = saved_handlers
         root.setLevel(saved_level)
 
-    assert statuses[200] == len(bodies), statuses
+    assert statuses == {200: len(bodies)}, statuses
     secrets = (
         set(jwts)
         | {TOKEN}

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import logging
 
 import pytest
+from conftest import FIXTURES
 
 SIGN = "/cds-services/pain-management-order-sign"
 SELECT = "/cds-services/pain-management-order-select"
@@ -250,3 +252,184 @@ def test_one_log_line_per_call_without_token_or_patient(client, caplog):
     assert all(isinstance(r.duration_ms, float) for r in calls)
     logged = " ".join(str(vars(r)) for r in caplog.records)
     assert "secret-token-abc" not in logged and "1970-01-01" not in logged
+
+
+# --- prefetch values, draft orders and selections ------------------------------------
+
+
+def excluded_epidural() -> dict:
+    """The fixture order-sign call: a 62323 epidural for spine-esi-myofascial."""
+    return json.loads((FIXTURES / "spine" / "esi-myofascial-excluded.json").read_text())
+
+
+CONDITIONS_EXPECTED = (
+    "prefetch.conditions: expected a searchset Bundle of Condition resources, an "
+    "OperationOutcome or null, not "
+)
+
+
+@pytest.mark.parametrize(
+    ("value", "shown"),
+    [
+        (1, "a number"),
+        ("str", "a string"),
+        ([], "an array"),
+        ({"id": "x"}, "an object without a resourceType"),
+        ({"resourceType": "Patient"}, "a Patient resource"),
+    ],
+)
+def test_wrong_prefetch_value_is_named(client, value, shown):
+    body = excluded_epidural()
+    body["prefetch"]["conditions"] = value
+
+    response = client.post(SIGN, json=body)
+
+    assert response.status_code == 400
+    assert response.get_json() == outcome(
+        issue(CONDITIONS_EXPECTED + shown, expression="prefetch.conditions")
+    )
+
+
+def test_every_wrong_prefetch_key_is_named_with_the_other_errors(client):
+    body = excluded_epidural()
+    del body["hookInstance"]
+    body["prefetch"]["patient"] = {"resourceType": "Condition"}
+    body["prefetch"]["coverage"] = True
+
+    response = client.post(SIGN, json=body)
+
+    assert response.status_code == 400
+    assert response.get_json() == outcome(
+        issue(
+            "hookInstance: Missing data for required field.",
+            expression="hookInstance",
+        ),
+        issue(
+            "prefetch.patient: expected a Patient resource, an OperationOutcome or "
+            "null, not a Condition resource",
+            expression="prefetch.patient",
+        ),
+        issue(
+            "prefetch.coverage: expected a searchset Bundle of Coverage resources, an "
+            "OperationOutcome or null, not a boolean",
+            expression="prefetch.coverage",
+        ),
+    )
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        {"resourceType": "OperationOutcome", "issue": []},
+        {"resourceType": "Bundle", "type": "searchset"},
+        None,
+    ],
+    ids=["operation-outcome", "bundle", "null"],
+)
+def test_outcome_bundle_and_null_are_accepted_under_any_key(client, value):
+    body = excluded_epidural()
+    body["prefetch"]["patient"] = value
+    body["prefetch"]["conditions"] = value
+    body["prefetch"]["user"] = "123"  # a key this service never asks for: not read
+
+    assert client.post(SIGN, json=body).status_code == 200
+
+
+@pytest.mark.parametrize(
+    ("change", "diagnostics", "expression"),
+    [
+        (
+            lambda orders: orders.update(entry={"resource": {}}),
+            "must be an array of Bundle entries",
+            "context.draftOrders.entry",
+        ),
+        (
+            lambda orders: orders["entry"].insert(0, "ServiceRequest/1"),
+            "must be a Bundle entry (a JSON object)",
+            "context.draftOrders.entry[0]",
+        ),
+        (
+            lambda orders: orders["entry"][0].update(resource=[]),
+            "must be a FHIR resource (a JSON object)",
+            "context.draftOrders.entry[0].resource",
+        ),
+        (
+            lambda orders: orders["entry"][0].pop("resource"),
+            "must be a FHIR resource (a JSON object)",
+            "context.draftOrders.entry[0].resource",
+        ),
+        (
+            lambda orders: orders["entry"][0]["resource"].pop("resourceType"),
+            "is required",
+            "context.draftOrders.entry[0].resource.resourceType",
+        ),
+    ],
+    ids=["entry-object", "entry-string", "resource-array", "no-resource", "no-type"],
+)
+def test_malformed_draft_orders_are_named_by_path(
+    client, change, diagnostics, expression
+):
+    body = excluded_epidural()
+    change(body["context"]["draftOrders"])
+
+    response = client.post(SIGN, json=body)
+
+    assert response.status_code == 400
+    assert response.get_json() == outcome(
+        issue(f"{expression}: {diagnostics}", expression=expression)
+    )
+
+
+def test_draft_order_for_another_patient_is_refused(client):
+    body = excluded_epidural()
+    order = body["context"]["draftOrders"]["entry"][0]["resource"]
+    order["subject"] = {"reference": "Patient/someone-else"}
+
+    response = client.post(SIGN, json=body)
+
+    assert response.status_code == 400
+    assert response.get_json() == outcome(
+        issue(
+            "context.draftOrders.entry[0].resource.subject: names "
+            "Patient/someone-else, not the context's patient "
+            "Patient/spine-esi-myofascial",
+            expression="context.draftOrders.entry[0].resource.subject",
+        )
+    )
+
+
+@pytest.mark.parametrize(
+    "subject",
+    [
+        {"reference": "Patient/spine-esi-myofascial"},
+        {"reference": "https://ehr.example/fhir/Patient/spine-esi-myofascial"},
+        {"reference": "urn:uuid:0c3e4a4e-3b8b-4f0e-9a52-7c2f9f3b1d10"},
+        {"display": "the patient"},
+    ],
+    ids=["same", "same-absolute", "urn-uuid", "no-reference"],
+)
+def test_draft_order_for_this_patient_or_unknown_is_judged(client, subject):
+    body = excluded_epidural()
+    body["context"]["draftOrders"]["entry"][0]["resource"]["subject"] = subject
+
+    assert client.post(SIGN, json=body).status_code == 200
+
+
+def test_selection_not_among_the_draft_orders_is_named(client):
+    body = excluded_epidural()
+    body["hook"] = "order-select"
+    body["context"]["selections"] = [
+        "ServiceRequest/spine-esi-myofascial-order-62323",
+        "ServiceRequest/not-drafted",
+    ]
+
+    response = client.post(SELECT, json=body)
+
+    assert response.status_code == 400
+    assert response.get_json() == outcome(
+        issue(
+            "context.selections[1]: ServiceRequest/not-drafted is not among "
+            "context.draftOrders",
+            expression="context.selections[1]",
+        )
+    )

@@ -318,14 +318,26 @@ def test_hundred_draft_orders_are_answered(live_server, fhir_stub):
     assert isinstance(response.json()["cards"], list)
 
 
-def test_huge_selections_list_is_answered(live_server, fhir_stub):
+def test_huge_selections_list_is_refused_in_a_few_issues(live_server, fhir_stub):
     body = request_body(
         "cds-hooks-sandbox__rx-view_order-select_captured.json", fhir_stub.url
     )
     body["context"]["selections"] = [f"MedicationRequest/m{n}" for n in range(50_000)]
     response = requests.post(live_server.url + SELECT, json=body, timeout=60)
-    assert response.status_code == 200
-    assert response.json()["cards"] == []
+    assert response.status_code == 400
+    issues = response.json()["issue"]
+    # None is among the draft orders: ten are named, the rest counted in one issue.
+    assert len(issues) == 11
+    assert issues[0]["diagnostics"] == (
+        "context.selections[0]: MedicationRequest/m0 is not among context.draftOrders"
+    )
+    assert issues[-1] == {
+        "severity": "error",
+        "code": "invalid",
+        "diagnostics": "context.selections[10]: and 49990 more selections are not "
+        "among context.draftOrders",
+        "expression": ["context.selections[10]"],
+    }
 
 
 def test_huge_prefetch_bundle_is_answered(live_server, fhir_stub):
@@ -349,3 +361,13 @@ def test_huge_string_is_answered(live_server, fhir_stub):
     body["hookInstance"] = "h" * 4_000_000
     response = _post(live_server, body)
     assert response.status_code in {200, 400}
+
+
+@pytest.mark.parametrize("raw", ["null", " null\n"])
+def test_a_null_body_is_told_to_be_an_object(client, raw):
+    response = client.post(SIGN, data=raw, content_type="application/json")
+
+    assert response.status_code == 400
+    assert [i["diagnostics"] for i in response.get_json()["issue"]] == [
+        "Request body must be a JSON object"
+    ]

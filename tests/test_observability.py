@@ -266,3 +266,16 @@ def test_redaction_applies_to_records_of_every_logger():
     assert RedactSecrets().filter(record) is True
     assert record.getMessage() == "jwt [redacted]"
     assert record.access_token == "[redacted]"
+
+
+def test_patient_ids_in_fhir_urls_are_scrubbed():
+    assert scrub(
+        "Retrying (total=1) after connection broken by 'NewConnectionError': "
+        "/fhir/Condition?patient=0b575c00-26a1&code=http://loinc.org|72514-3"
+    ) == (
+        "Retrying (total=1) after connection broken by 'NewConnectionError': "
+        "/fhir/Condition?[redacted]"
+    )
+    assert scrub("GET https://ehr.example/fhir/Patient/0b575c00-26a1 HTTP/1.1") == (
+        "GET https://ehr.example/fhir/Patient/[redacted] HTTP/1.1"
+    )

@@ -255,6 +255,8 @@ def test_next_links_followed_up_to_the_page_cap(settings, engine):
         "Condition/clbp",
         "Condition/neck",
     ]
+    # Page 3 was never read: the problem list is incomplete, not complete.
+    assert record.unavailable == {DataCategory.CONDITIONS}
 
 
 @responses.activate
@@ -271,6 +273,74 @@ def test_next_link_to_another_server_is_not_followed(fake_client, engine):
     assert [c.request.url.split("?")[0] for c in responses.calls] == [
         f"{FHIR}/Condition"
     ]
+    assert engine.records[0][0].unavailable == {DataCategory.CONDITIONS}
+
+
+@responses.activate
+def test_prefetch_next_page_on_fhir_server_is_fetched_with_the_token(
+    fake_client, engine
+):
+    prefetch = dict(FULL_PREFETCH)
+    prefetch["conditions"] = searchset(
+        LOW_BACK_PAIN, next_url=f"{FHIR}/Condition?page=2"
+    )
+    responses.get(f"{FHIR}/Condition?page=2", json=searchset(NECK_PAIN))
+
+    response = fake_client.post(SIGN, json=epidural_request(prefetch))
+
+    assert response.status_code == 200
+    (call,) = responses.calls
+    assert call.request.headers["Authorization"] == "Bearer opaque-token-123"
+    record = engine.records[0][0]
+    assert [c.reference for c in record.conditions] == [
+        "Condition/clbp",
+        "Condition/neck",
+    ]
+    assert record.unavailable == set()
+
+
+@responses.activate
+def test_prefetch_next_page_that_fails_leaves_the_category_unavailable(
+    fake_client, engine
+):
+    prefetch = dict(FULL_PREFETCH)
+    prefetch["conditions"] = searchset(
+        LOW_BACK_PAIN, next_url=f"{FHIR}/Condition?page=2"
+    )
+    responses.get(f"{FHIR}/Condition?page=2", status=500)
+
+    response = fake_client.post(SIGN, json=epidural_request(prefetch))
+
+    assert response.status_code == 200
+    record = engine.records[0][0]
+    assert [c.reference for c in record.conditions] == ["Condition/clbp"]
+    assert record.unavailable == {DataCategory.CONDITIONS}
+
+
+@responses.activate
+@pytest.mark.parametrize(
+    "fhir_server",
+    [None, "https://other-ehr.example.org/fhir"],
+    ids=["no-fhir-server", "other-server"],
+)
+def test_prefetch_next_page_off_fhir_server_is_not_fetched(
+    fake_client, engine, fhir_server
+):
+    prefetch = dict(FULL_PREFETCH)
+    prefetch["conditions"] = searchset(
+        LOW_BACK_PAIN, next_url=f"{FHIR}/Condition?page=2"
+    )
+    body = epidural_request(prefetch, fhirServer=fhir_server)
+    if fhir_server is None:
+        del body["fhirServer"], body["fhirAuthorization"]
+
+    response = fake_client.post(SIGN, json=body)
+
+    assert response.status_code == 200
+    assert len(responses.calls) == 0  # the token never leaves fhirServer
+    record = engine.records[0][0]
+    assert [c.reference for c in record.conditions] == ["Condition/clbp"]
+    assert record.unavailable == {DataCategory.CONDITIONS}
 
 
 @responses.activate

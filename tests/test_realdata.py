@@ -24,6 +24,9 @@ REQUESTS = {
     "crd-test-kit__order_select_hook_request.json": "order-select",
     "davinci-crd-ri__r4-ordersign_requestWithHydratedPrefetchBundle.json": "order-sign",
 }
+# The CRD test kit's request names Patient/example in its context but
+# Patient/1288992 on its diet and medication orders; neither is judged, so the
+# mismatch is passed over (a guideline order for another patient gets a 400).
 PATIENT_VIEW = [
     "cds-hooks-docs__spec_request-patient-view-fhirauth.json",
     "cds-hooks-docs__spec_request-with-extension.json",

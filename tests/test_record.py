@@ -137,9 +137,13 @@ def test_invalid_entry_skipped_and_logged_by_id_only(caplog):
         record = build_record({DataCategory.CONDITIONS: conditions}, everything)
 
     assert len(record.conditions) == 11
+    # A relevant resource left out makes the problem list incomplete.
+    assert record.unavailable == {DataCategory.CONDITIONS}
+    assert record.retrieved == set()
     assert caplog.messages == [
         f"skipped invalid Condition/{broken['id']}: 1 validation error(s), "
-        "first at onsetDateTime"
+        "first at onsetDateTime",
+        "conditions treated as unavailable: an invalid Condition was skipped",
     ]
 
 
@@ -304,3 +308,40 @@ def test_whole_synthea_bundle_under_one_key_names_its_patient(guideline):
     record = build_record({DataCategory.CONDITIONS: resources}, guideline.is_relevant)
 
     assert record.patient_id == "0b575c00-26a1-6156-8ff8-369e3071bb77"
+
+
+def test_resources_about_another_patient_are_left_out(caplog):
+    def score(n, subject):
+        resource = {
+            "resourceType": "Observation",
+            "id": f"nrs-{n}",
+            "status": "final",
+            "code": {"coding": [{"system": "http://loinc.org", "code": "72514-3"}]},
+            "effectiveDateTime": "2026-11-20",
+            "valueInteger": n,
+        }
+        if subject is not None:
+            resource["subject"] = {"reference": subject}
+        return {"resource": resource}
+
+    bundle = {
+        "resourceType": "Bundle",
+        "type": "searchset",
+        "entry": [
+            score(1, "Patient/p1"),
+            score(2, "Patient/p2"),
+            score(3, "https://ehr.example/fhir/Patient/p3/_history/2"),
+            score(4, "https://ehr.example/fhir/Patient/p1"),
+            score(5, "urn:uuid:3f0c5a4e-1f0e-4c7e-8d4b-2b1f1e0c9a77"),
+            score(6, None),
+        ],
+    }
+
+    with caplog.at_level(logging.WARNING, logger="cds_service.record"):
+        record = build_record(
+            {DataCategory.OBSERVATIONS: bundle}, everything, patient_id="p1"
+        )
+
+    assert [o.value for o in record.observations] == [1.0, 4.0, 5.0, 6.0]
+    assert record.unavailable == set()
+    assert caplog.messages == ["left out 2 resource(s) about another patient"]

@@ -30,7 +30,7 @@ def fill(store) -> None:
         store.record_call(
             {
                 "at": DAY.replace(minute=index),
-                "hook_instance": f"hi-{index}",
+                "hook_instance": f"d5b6a3c2-1f0e-4d9c-8b7a-6e5f4d3c2b{index:02d}",
                 "service": f"pain-management-{hook or 'order-sign'}",
                 "hook": hook,
                 "order_codes": [d["code"] for d in determinations],
@@ -136,7 +136,7 @@ def test_report_command_prints_text(store, capsys):
 def test_report_window(store):
     fill(store)
     calls = store.calls(since=DAY.replace(minute=5), until=DAY.replace(minute=7))
-    assert [c["hook_instance"] for c in calls] == ["hi-5", "hi-6"]
+    assert [c["hook_instance"][-2:] for c in calls] == ["05", "06"]
     feedback = store.feedback_items(since=DAY.replace(hour=23))
     assert feedback == []
 
@@ -168,3 +168,31 @@ def test_empty_record(tmp_path, capsys):
 )
 def test_percentile_is_nearest_rank(values, pct, expected):
     assert percentile(values, pct) == expected
+
+
+def test_hooks_we_do_not_serve_are_never_listed_by_name(store, capsys):
+    if store.dialect != "sqlite":
+        pytest.skip("the command opens the URL itself; schemas are a test device")
+    store.record_call(
+        {
+            "hook_instance": "Zzyzx family 1931-07-19",
+            "hook": "Zzyzxfamily-1931-07-19",
+            "order_codes": [],
+            "determinations": [],
+            "card_summaries": [],
+            "status": 400,
+            "duration_ms": 1.0,
+        }
+    )
+    # A row written before hooks were checked is not shown by name either.
+    old_row = {"hook": "Zzyzxfamily-1931-07-19", "status": 400, "duration_ms": 1.0}
+    old_row["determinations"] = []
+
+    main(["report", "--database-url", store.url])
+
+    out = capsys.readouterr().out
+    assert out.splitlines()[:2] == ["Hook calls: 1", "  unsupported: rejected (400) 1"]
+    assert "Zzyzx" not in out
+    assert summarise([old_row], [])["calls_by_hook"] == {
+        "unsupported": {"rejected (400)": 1}
+    }

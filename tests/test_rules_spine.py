@@ -50,10 +50,21 @@ def test_epidural_all_criteria_met_is_covered(guideline):
         ([cond("a", "icd10cm:M5416")], {}),  # ICD-10-CM without the dot
         ([cond("a", "icd10cm: m51.36 ")], {}),  # degenerative disc: discogenic
         ([cond("a", "icd10cm:M48.062")], {}),  # neurogenic claudication
-        ([], {"esi-indication": "not-documented"}),
+        # No coded condition at all: the myofascial exclusion is not documented
+        # either, since its absence cannot be read from an empty problem list.
+        (
+            [],
+            {
+                "esi-indication": "not-documented",
+                "myofascial-source-epidural": "not-documented",
+            },
+        ),
         (
             [cond("a", text="Lumbar radiculopathy")],
-            {"esi-indication": "not-documented"},
+            {
+                "esi-indication": "not-documented",
+                "myofascial-source-epidural": "not-documented",
+            },
         ),
         (
             [cond("a", "icd10cm:M54.16", clinical="resolved")],
@@ -82,9 +93,14 @@ def test_epidural_indication_codings(guideline, conditions, expected):
 def test_text_only_condition_is_named_in_the_explanation(guideline):
     rec = esi_patient(conditions=[cond("a", text="Lumbar radiculopathy")])
     (d,) = decide(guideline, rec, order("62322"))
-    (r,) = d.failing
-    assert r.explanation.endswith(
+    indication, myofascial = d.failing
+    assert indication.explanation.endswith(
         "1 condition(s) recorded as text only could not be assessed."
+    )
+    assert myofascial.explanation == (
+        "The record holds no coded conditions, so the absence of myofascial pain "
+        "syndrome cannot be confirmed. 1 condition(s) recorded as text only could "
+        "not be assessed."
     )
 
 
@@ -308,6 +324,7 @@ def test_facet_diagnostic_block_all_met(guideline):
                 "facet-dx-axial-pain": "not-documented",
                 "facet-dx-no-radiculopathy": "not-documented",
                 "facet-dx-other-sources-ruled-out": "not-documented",
+                "myofascial-source-facet": "not-documented",
             },
         ),
         (

@@ -156,6 +156,20 @@ def unavailable(ctx: Context, *categories: DataCategory) -> Finding | None:
     )
 
 
+def holds_coded_conditions(ctx: Context) -> bool:
+    """Does the record hold any coded condition at all?
+
+    Without one, "no X on record" says nothing about the patient (the client may
+    simply have sent no problem list), so a criterion met by the absence of a
+    condition is not documented rather than met.
+    """
+    # The record builder counts coded conditions before it drops irrelevant ones;
+    # records built otherwise only have their facts to go by.
+    if ctx.record.received_coded.get(DataCategory.CONDITIONS):
+        return True
+    return any(c.codings for c in ctx.record.conditions)
+
+
 def condition_ignored_because(cond: ConditionFact, on: date) -> str | None:
     """Why a condition cannot count as current on `on`, or None if it can."""
     if cond.verification_status in INVALID_VERIFICATION:

@@ -12,6 +12,7 @@ from cds_service.guideline.criteria import (
     condition_evidence,
     condition_label,
     days_between,
+    holds_coded_conditions,
     ignored_note,
     match_conditions,
     register_kind,
@@ -47,14 +48,6 @@ def _text_only_note(ctx: Context) -> str:
     if not count:
         return ""
     return f" {count} condition(s) recorded as text only could not be assessed."
-
-
-def _holds_coded_conditions(ctx: Context) -> bool:
-    # The record builder counts coded conditions before it drops irrelevant ones;
-    # records built otherwise only have their facts to go by.
-    if ctx.record.received_coded.get(DataCategory.CONDITIONS):
-        return True
-    return any(c.codings for c in ctx.record.conditions)
 
 
 class ConditionPresentParams(Schema):
@@ -134,7 +127,6 @@ class ConditionAbsentParams(Schema):
         fields.String(), required=True, validate=validate.Length(min=1)
     )
     unless_any_of = fields.List(fields.String(), load_default=None)
-    require_conditions = fields.Boolean(load_default=True)
 
 
 @register_kind(
@@ -144,7 +136,12 @@ class ConditionAbsentParams(Schema):
     data=(DataCategory.CONDITIONS,),
 )
 def condition_absent(params: dict, ctx: Context) -> Finding:
-    """Met when no current condition from the value sets is on record."""
+    """Met when no current condition from the value sets is on record.
+
+    Absence is read only from a record that holds coded conditions: an empty
+    problem list (null or empty prefetch) makes the criterion not documented, so
+    neither an exclusion nor a requirement is ever met by missing data.
+    """
     if missing := unavailable(ctx, DataCategory.CONDITIONS):
         return missing
     unwanted = _titles(params["any_of"])
@@ -166,7 +163,7 @@ def condition_absent(params: dict, ctx: Context) -> Finding:
             State.NOT_MET, f"On record: {_found(found.current)}.{note}", evidence
         )
 
-    if params["require_conditions"] and not _holds_coded_conditions(ctx):
+    if not holds_coded_conditions(ctx):
         return Finding(
             State.NOT_DOCUMENTED,
             "The record holds no coded conditions, so the absence of "

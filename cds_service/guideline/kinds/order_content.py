@@ -14,6 +14,7 @@ from cds_service.guideline.criteria import (
     Finding,
     condition_evidence,
     condition_label,
+    holds_coded_conditions,
     match_conditions,
     register_kind,
     unavailable,
@@ -338,7 +339,8 @@ def not_for_indication(params: dict, ctx: Context) -> Finding:
     The order's own reasons (`reasonCode`, `reasonReference` to a Condition) decide
     when present: not met when every reason is excluded. Without them the problem
     list decides: not met when a current excluded condition is on record and none
-    of `unless_any_of` (another indication, taken as the reason) is.
+    of `unless_any_of` (another indication, taken as the reason) is; not
+    documented when the record holds no coded conditions at all.
     """
     excluded = params["any_of"]
     wanted = " or ".join(vs.title for vs in excluded)
@@ -369,6 +371,12 @@ def not_for_indication(params: dict, ctx: Context) -> Finding:
     if missing := unavailable(ctx, DataCategory.CONDITIONS):
         return missing
     found = match_conditions(ctx, excluded).current
+    if not found and not holds_coded_conditions(ctx):
+        return Finding(
+            State.NOT_DOCUMENTED,
+            "The order gives no reason and the record holds no coded conditions, "
+            f"so it cannot be confirmed that the order is not for {wanted}.",
+        )
     if not found:
         return Finding(State.MET, f"No current {wanted} on record.")
     evidence = tuple(condition_evidence(c) for c in found)
