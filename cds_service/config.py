@@ -64,6 +64,13 @@ class Settings:
     fhir_page_cap: int = field(
         default=10, metadata={"help": "most `next` pages followed per query"}
     )
+    fhir_servers: list[str] = field(
+        default_factory=list,
+        metadata={
+            "help": "comma-separated base URLs of the EHR FHIR servers the service "
+            "may query; empty = any (set it in production)"
+        },
+    )
     max_body_bytes: int = field(
         default=5_000_000, metadata={"help": "largest request body accepted"}
     )

@@ -102,6 +102,18 @@ class FhirFetcher:
         self.session.mount("https://", adapter)
         self.executor = ThreadPoolExecutor(max_workers=8, thread_name_prefix="fhir")
 
+    def may_query(self, fhir_server: str) -> bool:
+        """Whether `fhir_server` starts with one of the configured base URLs.
+
+        With none configured (the embedded default, for trying the service against
+        any test server) every server may be queried.
+        """
+        allowed = self.settings.fhir_servers
+        if not allowed:
+            return True
+        server = _base(fhir_server)
+        return any(server.startswith(_base(prefix)) for prefix in allowed)
+
     def gather(
         self, hook_request: HookRequest, templates: dict[str, str]
     ) -> dict[DataCategory, object]:
@@ -112,6 +124,20 @@ class FhirFetcher:
         """
         prefetch = hook_request.prefetch
         missing = [key for key in templates if key not in prefetch]
+        if hook_request.fhir_server and not self.may_query(hook_request.fhir_server):
+            # The service would send this patient's queries (and the EHR's token)
+            # wherever a caller points it: only the configured servers are asked.
+            if missing:
+                raise ServiceError(
+                    412,
+                    Issue(
+                        "Prefetch is missing "
+                        + ", ".join(missing)
+                        + " and fhirServer is not one this service may query "
+                        "(PAIN_CDS_FHIR_SERVERS)",
+                        expression="fhirServer",
+                    ),
+                )
         if missing and not hook_request.fhir_server:
             raise ServiceError(
                 412,
@@ -126,7 +152,11 @@ class FhirFetcher:
         # Missing keys are searched on fhirServer; a prefetched Bundle with a
         # `next` page (clients MAY page prefetch) is continued there, under the
         # same rule as the fallback: the token goes to fhirServer's origin only.
-        base = _base(hook_request.fhir_server) if hook_request.fhir_server else ""
+        base = (
+            _base(hook_request.fhir_server)
+            if hook_request.fhir_server and self.may_query(hook_request.fhir_server)
+            else ""
+        )
         urls: dict[str, str] = {}
         held: dict[str, object] = {}
         for key in templates:

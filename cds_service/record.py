@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import copy
 import functools
+import hashlib
+import json
 import logging
 import re
+import threading
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -309,10 +313,16 @@ def validated(resource: dict) -> dict | None:
     except (KeyError, ValueError):
         return None
 
+    digest = _digest(resource)
+    if digest is not None and _known_valid.seen(digest):
+        return resource
+
     data = resource
     for _ in range(_MAX_REPAIRS):
         try:
             model.model_validate(data)
+            if data is resource and digest is not None:
+                _known_valid.add(digest)
             return data
         except ValidationError as error:
             errors = error.errors()
@@ -330,6 +340,43 @@ def validated(resource: dict) -> dict | None:
         ".".join(str(step) for step in first) or "(resource)",
     )
     return None
+
+
+class _Digests:
+    """A bounded, thread-safe set of digests, oldest forgotten first."""
+
+    def __init__(self, size: int):
+        self.size = size
+        self.items: OrderedDict[bytes, None] = OrderedDict()
+        self.lock = threading.Lock()
+
+    def seen(self, digest: bytes) -> bool:
+        with self.lock:
+            if digest in self.items:
+                self.items.move_to_end(digest)
+                return True
+            return False
+
+    def add(self, digest: bytes) -> None:
+        with self.lock:
+            self.items[digest] = None
+            if len(self.items) > self.size:
+                self.items.popitem(last=False)
+
+
+# order-select fires on every change to the order form, with the same prefetch each
+# time, and validating a resource costs some 20 times parsing it. Only a digest of
+# each resource that validated unchanged is kept, never its content: the service
+# keeps no patient data between calls (CRD sec-6).
+_known_valid = _Digests(size=8192)
+
+
+def _digest(resource: dict) -> bytes | None:
+    try:
+        text = json.dumps(resource, sort_keys=True, separators=(",", ":"))
+    except (TypeError, ValueError):
+        return None
+    return hashlib.blake2b(text.encode(), digest_size=16).digest()
 
 
 # The lookup imports the model's module on every call; the classes never change.

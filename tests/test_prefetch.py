@@ -401,6 +401,46 @@ def test_missing_keys_without_fhir_server_is_412(fake_client, engine):
     assert engine.records == []
 
 
+@responses.activate
+def test_fhir_server_off_the_configured_list_is_never_queried(settings, engine):
+    settings.fhir_servers = ["https://ehr.other.example/fhir"]
+    client = create_app(settings, guideline=engine).test_client()
+    prefetch = {k: v for k, v in FULL_PREFETCH.items() if k != "procedures"}
+
+    response = client.post(SIGN, json=epidural_request(prefetch))
+
+    assert response.status_code == 412
+    assert response.get_json() == {
+        "resourceType": "OperationOutcome",
+        "issue": [
+            {
+                "severity": "error",
+                "code": "incomplete",
+                "diagnostics": "Prefetch is missing procedures and fhirServer is not "
+                "one this service may query (PAIN_CDS_FHIR_SERVERS)",
+                "expression": ["fhirServer"],
+            }
+        ],
+    }
+    assert len(responses.calls) == 0
+    assert engine.records == []
+
+
+@responses.activate
+def test_fhir_server_on_the_configured_list_is_queried(settings, engine):
+    settings.fhir_servers = [FHIR + "/"]
+    client = create_app(settings, guideline=engine).test_client()
+    prefetch = {k: v for k, v in FULL_PREFETCH.items() if k != "conditions"}
+    responses.get(f"{FHIR}/Condition", json=searchset(LOW_BACK_PAIN))
+
+    response = client.post(SIGN, json=epidural_request(prefetch))
+
+    assert response.status_code == 200
+    assert [urlsplit(c.request.url).path for c in responses.calls] == [
+        "/fhir/Condition"
+    ]
+
+
 def test_no_412_when_no_order_is_in_the_guideline(fake_client, engine):
     body = epidural_request()
     body["context"]["draftOrders"]["entry"][0]["resource"]["code"]["coding"][0][

@@ -345,3 +345,31 @@ def test_resources_about_another_patient_are_left_out(caplog):
     assert [o.value for o in record.observations] == [1.0, 4.0, 5.0, 6.0]
     assert record.unavailable == set()
     assert caplog.messages == ["left out 2 resource(s) about another patient"]
+
+
+def test_a_resource_changed_since_it_validated_is_checked_again(caplog):
+    # Resources that validated unchanged are remembered by digest only, so an
+    # order-select repeated with the same prefetch skips the costly model check;
+    # the same resource with different content is never taken for it.
+    bundle = realdata(EDWARD)
+    conditions = as_searchset(bundle, "Condition")
+    first = build_record(
+        {DataCategory.CONDITIONS: copy.deepcopy(conditions)}, everything
+    )
+    again = build_record(
+        {DataCategory.CONDITIONS: copy.deepcopy(conditions)}, everything
+    )
+    changed = copy.deepcopy(conditions)
+    broken = changed["entry"][0]["resource"]
+    broken["onsetDateTime"] = "last spring"
+
+    with caplog.at_level(logging.WARNING, logger="cds_service.record"):
+        after = build_record({DataCategory.CONDITIONS: changed}, everything)
+
+    assert again.conditions == first.conditions
+    assert len(first.conditions) == 12
+    assert len(after.conditions) == 11
+    assert caplog.messages[0] == (
+        f"skipped invalid Condition/{broken['id']}: 1 validation error(s), "
+        "first at onsetDateTime"
+    )
