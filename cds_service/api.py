@@ -13,7 +13,12 @@ from werkzeug.exceptions import HTTPException
 
 from cards import CardOptions, build_response
 from cds_service.config import Settings
-from cds_service.errors import Issue, ServiceError
+from cds_service.errors import (
+    Issue,
+    ServiceError,
+    require_json_content,
+    unknown_service,
+)
 from cds_service.hook_request import (
     ORDER_SELECT,
     ORDER_SIGN,
@@ -114,10 +119,7 @@ def discovery():
 def call_service(service_id: str):
     service = SERVICES.get(service_id)
     if service is None:
-        raise ServiceError(
-            404,
-            Issue(f"No CDS service {service_id!r}; discovery is at GET /cds-services"),
-        )
+        raise unknown_service(service_id)
 
     started = time.perf_counter()
     hook_instance, status, outcome = None, 500, "error"
@@ -151,15 +153,7 @@ def call_service(service_id: str):
 
 
 def _json_body() -> object:
-    if not request.is_json:
-        raise ServiceError(
-            415,
-            Issue(
-                "Content-Type must be application/json, not "
-                + (request.mimetype or "(none)"),
-                code="not-supported",
-            ),
-        )
+    require_json_content()
     body = request.get_json(silent=True)
     if body is None and request.get_data().strip() == b"null":
         raise ServiceError(400, "Request body must be a JSON object")

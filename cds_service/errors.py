@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-from flask import Flask, jsonify
+from flask import Flask, jsonify, request
 from werkzeug.exceptions import HTTPException
 
 logger = logging.getLogger(__name__)
@@ -45,6 +45,27 @@ class ServiceError(Exception):
         super().__init__("; ".join(issue.diagnostics for issue in issues))
         self.status = status
         self.issues = list(issues)
+
+
+def unknown_service(service_id: str) -> ServiceError:
+    """The 404 for a service id that discovery does not list."""
+    return ServiceError(
+        404,
+        Issue(f"No CDS service {service_id!r}; discovery is at GET /cds-services"),
+    )
+
+
+def require_json_content() -> None:
+    """Refuses (415) a request body whose Content-Type is not JSON."""
+    if not request.is_json:
+        raise ServiceError(
+            415,
+            Issue(
+                "Content-Type must be application/json, not "
+                + (request.mimetype or "(none)"),
+                code="not-supported",
+            ),
+        )
 
 
 def operation_outcome(status: int, issues: list[Issue]) -> dict:

@@ -16,7 +16,12 @@ from marshmallow import (
     validates_schema,
 )
 
-from cds_service.errors import Issue, ServiceError
+from cds_service.errors import (
+    Issue,
+    ServiceError,
+    require_json_content,
+    unknown_service,
+)
 from cds_service.storage import EXTENSION_KEY, FeedbackItem, Store
 
 logger = logging.getLogger(__name__)
@@ -113,19 +118,8 @@ _SCHEMA = FeedbackSchema()
 def receive_feedback(service_id: str):
     known = _known_services()
     if known is not None and service_id not in known:
-        raise ServiceError(
-            404,
-            Issue(f"No CDS service {service_id!r}; discovery is at GET /cds-services"),
-        )
-    if not request.is_json:
-        raise ServiceError(
-            415,
-            Issue(
-                "Content-Type must be application/json, not "
-                + (request.mimetype or "(none)"),
-                code="not-supported",
-            ),
-        )
+        raise unknown_service(service_id)
+    require_json_content()
     body = request.get_json(silent=True)
     if body is None and request.get_data().strip() != b"null":
         raise ServiceError(

@@ -17,6 +17,7 @@ from fhir.resources.R4B import get_fhir_model_class
 from pydantic import ValidationError
 
 from cds_service.fhir_dates import first_date, is_naive_datetime, parse_date
+from cds_service.guideline.schema import answer_values
 from cds_service.model import (
     CodeSystem,
     Coding,
@@ -56,22 +57,10 @@ class Incomplete:
     reason: str
 
 
-# LOINC answer codes of the 0-10 numeric pain scale (LL2335-9), as listed in
-# shared/reference/codes.md section 3; an Observation may carry one of these in
-# valueCodeableConcept instead of a number.
-PAIN_SCALE_ANSWERS: dict[str, float] = {
-    "LA6111-4": 0,
-    "LA6112-2": 1,
-    "LA6113-0": 2,
-    "LA6114-8": 3,
-    "LA6115-5": 4,
-    "LA10137-0": 5,
-    "LA10138-8": 6,
-    "LA10139-6": 7,
-    "LA10140-4": 8,
-    "LA10141-2": 9,
-    "LA13942-0": 10,
-}
+# The value set of the LOINC answer codes of the 0-10 numeric pain scale
+# (LL2335-9): an Observation may carry one of these in valueCodeableConcept instead
+# of a number.
+PAIN_SCALE_ANSWERS = "pain-answers"
 
 # Panels whose score is the mean of their item components when the panel itself
 # carries no value: the PEG scale (LOINC 91147-9) is the mean of its three 0-10 items.
@@ -519,9 +508,10 @@ def observation_value(element: dict) -> tuple[float | None, str | None, str | No
     if isinstance(concept, dict):
         codings = codings_of(concept)
         text = concept_text(concept, codings)
+        answers = answer_values(PAIN_SCALE_ANSWERS)
         for coding in codings:
-            if coding.code in PAIN_SCALE_ANSWERS:
-                return float(PAIN_SCALE_ANSWERS[coding.code]), None, text
+            if coding.code in answers:
+                return float(answers[coding.code]), None, text
         return None, None, text
 
     text = element.get("valueString")

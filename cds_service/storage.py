@@ -251,11 +251,15 @@ class Store:
     def calls(
         self, since: datetime | None = None, until: datetime | None = None
     ) -> list[dict]:
-        query = sa.select(audit_calls).order_by(audit_calls.c.id)
+        return self._rows(audit_calls, audit_calls.c.at, since, until)
+
+    def _rows(self, table, at, since, until) -> list[dict]:
+        """The rows of `table` whose time `at` is in [since, until), oldest first."""
+        query = sa.select(table).order_by(table.c.id)
         if since:
-            query = query.where(audit_calls.c.at >= since)
+            query = query.where(at >= since)
         if until:
-            query = query.where(audit_calls.c.at < until)
+            query = query.where(at < until)
         with self.session() as session:
             return [dict(row._mapping) for row in session.execute(query)]
 
@@ -285,13 +289,7 @@ class Store:
     def feedback_items(
         self, since: datetime | None = None, until: datetime | None = None
     ) -> list[dict]:
-        query = sa.select(feedback).order_by(feedback.c.id)
-        if since:
-            query = query.where(feedback.c.received_at >= since)
-        if until:
-            query = query.where(feedback.c.received_at < until)
-        with self.session() as session:
-            return [dict(row._mapping) for row in session.execute(query)]
+        return self._rows(feedback, feedback.c.received_at, since, until)
 
     # --- cards (the accepted-card rule of cards.build_response) -----------------
 

@@ -104,19 +104,26 @@ def test_summary_of_a_known_record(store):
     assert summarise(store.calls(), store.feedback_items()) == EXPECTED
 
 
+def command_url(store) -> str:
+    """The URL an operator would give `pain-cds report` for this store's tables.
+
+    On PostgreSQL each test's tables live in a schema of their own; the command
+    reaches them through the server's search_path, as a deployment could.
+    """
+    if store.dialect == "sqlite":
+        return store.url
+    return f"{store.url}?options=-csearch_path%3D{store.schema}"
+
+
 def test_report_command_prints_json(store, capsys):
-    if store.dialect != "sqlite":
-        pytest.skip("the command opens the URL itself; schemas are a test device")
     fill(store)
-    assert main(["report", "--database-url", store.url, "--json"]) == 0
+    assert main(["report", "--database-url", command_url(store), "--json"]) == 0
     assert json.loads(capsys.readouterr().out) == EXPECTED
 
 
 def test_report_command_prints_text(store, capsys):
-    if store.dialect != "sqlite":
-        pytest.skip("the command opens the URL itself; schemas are a test device")
     fill(store)
-    main(["report", "--database-url", store.url])
+    main(["report", "--database-url", command_url(store)])
     assert capsys.readouterr().out.splitlines() == [
         "Hook calls: 8",
         "  (unknown): rejected (400) 1",
@@ -142,10 +149,17 @@ def test_report_window(store):
 
 
 def test_report_window_flags(store, capsys):
-    if store.dialect != "sqlite":
-        pytest.skip("the command opens the URL itself; schemas are a test device")
     fill(store)
-    main(["report", "--database-url", store.url, "--json", "--since", "2026-12-04"])
+    main(
+        [
+            "report",
+            "--database-url",
+            command_url(store),
+            "--json",
+            "--since",
+            "2026-12-04",
+        ]
+    )
     summary = json.loads(capsys.readouterr().out)
     assert summary["calls"] == 0 and summary["duration_ms"] == {
         "p50": None,
@@ -171,8 +185,6 @@ def test_percentile_is_nearest_rank(values, pct, expected):
 
 
 def test_hooks_we_do_not_serve_are_never_listed_by_name(store, capsys):
-    if store.dialect != "sqlite":
-        pytest.skip("the command opens the URL itself; schemas are a test device")
     store.record_call(
         {
             "hook_instance": "Zzyzx family 1931-07-19",
@@ -188,7 +200,7 @@ def test_hooks_we_do_not_serve_are_never_listed_by_name(store, capsys):
     old_row = {"hook": "Zzyzxfamily-1931-07-19", "status": 400, "duration_ms": 1.0}
     old_row["determinations"] = []
 
-    main(["report", "--database-url", store.url])
+    main(["report", "--database-url", command_url(store)])
 
     out = capsys.readouterr().out
     assert out.splitlines()[:2] == ["Hook calls: 1", "  unsupported: rejected (400) 1"]

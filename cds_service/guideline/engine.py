@@ -11,6 +11,7 @@ from pathlib import Path
 from cds_service.guideline import kinds as _kinds_package
 from cds_service.guideline.criteria import Context, Criterion, Finding, kind_spec
 from cds_service.guideline.schema import (
+    VALUESETS_DIR,
     ProcedureCode,
     RuleSet,
     load_rule_sets,
@@ -64,7 +65,7 @@ class Guideline:
     @classmethod
     def load(cls, rules_dir=None, valuesets_dir=None) -> Guideline:
         _import_kinds()
-        valuesets = load_valuesets(Path(valuesets_dir or HERE / "valuesets"))
+        valuesets = load_valuesets(Path(valuesets_dir or VALUESETS_DIR))
         rule_sets = load_rule_sets(Path(rules_dir or HERE / "rules"), valuesets)
         logger.info(
             "guideline loaded",

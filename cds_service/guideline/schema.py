@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import functools
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import MappingProxyType
 
 import yaml
 from marshmallow import Schema, ValidationError, fields, validate, validates_schema
@@ -24,6 +27,7 @@ logger = logging.getLogger(__name__)
 _LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 REGIONS = ("cervical-thoracic", "lumbosacral", "sacroiliac")
 _PREFIX_BY_DEFAULT = {CodeSystem.ICD10CM, CodeSystem.SOP}
+VALUESETS_DIR = Path(__file__).parent / "valuesets"
 
 
 class RuleFileError(Exception):
@@ -110,6 +114,16 @@ def load_valuesets(directory: Path) -> dict[str, ValueSet]:
                 raise RuleFileError(path, vs_id, "id", "value set defined twice")
             result[vs_id] = _build_valueset(loaded, path)
     return result
+
+
+@functools.cache
+def answer_values(valueset_id: str) -> Mapping[str, float]:
+    """Answer code -> number of a shipped value set (LA6113-0 -> 2.0), for readers
+    without a Guideline at hand; the files are read once per process."""
+    valueset = load_valuesets(VALUESETS_DIR)[valueset_id]
+    return MappingProxyType(
+        {e.code: e.value for e in valueset.entries if e.value is not None}
+    )
 
 
 def _build_valueset(data: dict, path: Path) -> ValueSet:
