@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -361,7 +362,8 @@ def _detail(
     if readings:
         lines += [""]
         lines += [
-            f"*How the plan reads \u201c{_escape(r.text)}\u201d:* {_escape(r.reading)}"
+            f"*How the plan reads \u201c{_escape(r.text)}\u201d:* "
+            f"{_escape(clinical_reading(r.reading))}"
             for r in readings
         ]
     others = [o for o in all_orders if o.reference != determination.order.reference]
@@ -517,3 +519,22 @@ def prune(value):
         pruned = [prune(v) for v in value]
         return [v for v in pruned if v not in (None, "", [], {})]
     return value
+
+
+# Readings cite the project's list of the guideline's ambiguities ("codes.md 7 item
+# 17") so a plan reviewer can trace them; a clinician has no such file, so cards keep
+# the reasoning and drop the citation.
+_CITATION = r"codes\.md \d+(?:\.\d+)?(?: items? \d+(?:(?:, | and )\d+)*)?"
+_CITATIONS = (
+    (re.compile(r"\(" + _CITATION + r": "), "("),
+    (re.compile(r"\s*\(" + _CITATION + r"[^()]*\)"), ""),
+    (re.compile(r"[,;]\s*" + _CITATION + r"\)"), ")"),
+    (re.compile(r"\s*" + _CITATION + r": (\w)"), lambda m: " " + m[1].upper()),
+)
+
+
+def clinical_reading(reading: str) -> str:
+    """`reading` without citations of the project's internal reference files."""
+    for pattern, replacement in _CITATIONS:
+        reading = pattern.sub(replacement, reading)
+    return reading

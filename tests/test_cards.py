@@ -132,6 +132,8 @@ def test_every_fixture_card_meets_the_specification(client, path):
     assert_no_empty_values({k: v for k, v in answer.items() if k != "cards"})
     uuids = [card["uuid"] for card in answer["cards"]]
     assert len(uuids) == len(set(uuids))
+    # Clinicians have none of the project's reference files to look things up in.
+    assert [c["uuid"] for c in answer["cards"] if "codes.md" in str(c)] == []
     for card in answer["cards"]:
         assert_valid_card(card)
 
@@ -796,3 +798,34 @@ def test_a_long_list_of_unavailable_data_is_summarised_whole(kit):
         "patient data unavailable"
     )
     assert "insurance coverage" in card["detail"]
+
+
+def test_readings_on_cards_keep_the_reasoning_without_file_citations():
+    from cards.render import clinical_reading
+
+    assert clinical_reading(
+        "Patients often carry both diagnoses and the text gives no tie-breaker "
+        "(codes.md 7 item 17). The exclusion applies when"
+    ) == (
+        "Patients often carry both diagnoses and the text gives no tie-breaker. "
+        "The exclusion applies when"
+    )
+    assert (
+        clinical_reading(
+            "at least 3 (codes.md 7 item 10: no look-back is stated; 90 days is read "
+            "as current)."
+        )
+        == "at least 3 (no look-back is stated; 90 days is read as current)."
+    )
+    assert (
+        clinical_reading(
+            "(partial and full duals cannot be told apart, codes.md 7 item 25) and"
+        )
+        == "(partial and full duals cannot be told apart) and"
+    )
+    assert (
+        clinical_reading(
+            "never assumed Commercial. codes.md 7 item 8: several Medicare contractors"
+        )
+        == "never assumed Commercial. Several Medicare contractors"
+    )
