@@ -55,6 +55,13 @@ _STATE_LABELS = {
     State.NOT_MET: "**Not met**",
     State.NOT_DOCUMENTED: "**Not documented**",
 }
+# Exclusions are worded as what the guideline excludes ("Prolotherapy is not
+# medically necessary"), so "Met" would read as if the exclusion held.
+_EXCLUSION_LABELS = {
+    State.MET: "Does not apply",
+    State.NOT_MET: "**Applies**",
+    State.NOT_DOCUMENTED: "**Not documented**",
+}
 
 CATEGORY_LABELS = {
     DataCategory.PATIENT: "patient demographics",
@@ -317,7 +324,7 @@ def _fit(prefix: str, issue: str, suffix: str = "") -> str:
 
 _LEADS = {
     "exclusion": "**Not covered.** The guideline excludes this service here; the "
-    "criteria marked *Not met* below say why.",
+    "exclusion marked *Applies* below says why.",
     "limit": "**Not covered.** The order goes beyond a limit the guideline sets; "
     "the criteria marked *Not met* below say which.",
     "unmet": "**Criteria not met.** Prior authorization is likely to be denied "
@@ -379,13 +386,14 @@ def _detail(
 
 
 def _row(result: CriterionResult) -> str:
-    status = _STATE_LABELS[result.state]
+    labels = _EXCLUSION_LABELS if result.role is Role.EXCLUSION else _STATE_LABELS
+    status = labels[result.state]
     if result.data_unavailable:
         status = "**Not documented** (data could not be retrieved)"
     pieces = []
     for evidence in result.evidence:
         piece = evidence.description
-        if evidence.value and evidence.value not in piece:
+        if evidence.value and not _mentions(piece, evidence.value):
             piece += f" ({evidence.value})"
         if evidence.date:
             piece += f", {evidence.date.isoformat()}"
@@ -395,6 +403,14 @@ def _row(result: CriterionResult) -> str:
         why = f"{why} *Evidence:* {_escape('; '.join(pieces))}".strip()
     criterion = _escape(f"{result.text} ({result.section})")
     return f"| {criterion} | {status} | {why or '-'} |"
+
+
+def _mentions(description: str, value: str) -> bool:
+    """Whether `description` already states `value` (a pain score of 1 is not
+    stated by a display that reads "0-10 verbal numeric rating")."""
+    if len(value) > 3:
+        return value in description
+    return f"({value})" in description or description.endswith(f" {value}")
 
 
 def _escape(text: str) -> str:

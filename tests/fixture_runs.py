@@ -74,7 +74,12 @@ def unmet_rows(response: dict, order_ref: str, guideline) -> dict[str, str]:
     for entry in guideline.catalogue():
         for rule in entry["rules"]:
             by_row[" ".join(f"{rule['text']} ({rule['section']})".split())] = rule["id"]
-    labels = {"**Not met**": "not-met", "**Not documented**": "not-documented"}
+    # An exclusion that holds is shown as "Applies" (its criterion is not met).
+    labels = {
+        "**Not met**": "not-met",
+        "**Applies**": "not-met",
+        "**Not documented**": "not-documented",
+    }
     found = {}
     for card in response.get("cards", []):
         refs = card.get("extension", {}).get("davinci-crd.associated-resource", [])

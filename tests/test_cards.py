@@ -225,7 +225,7 @@ def test_detail_lists_every_criterion_with_state_evidence_and_section(kit):
     ) in detail
     assert (
         "| A facet joint or nerve block is not indicated for pain from myofascial "
-        "pain syndrome. (Limitations 1: myofascial pain syndrome) | **Not met** | "
+        "pain syndrome. (Limitations 1: myofascial pain syndrome) | **Applies** | "
         "Myofascial pain syndrome (M79.18) is on the problem list. |"
     ) in detail
     assert "Applies when no spinal diagnosis is also current." in detail
@@ -694,10 +694,9 @@ def test_summaries_of_the_longest_labels_read_as_written():
     ) in summaries["same-day-single-procedure"]
     assert summaries["acupuncture-excluded"] == [
         "Remove 97813 electroacupuncture, initial 15 minutes, not covered: "
-        "acupuncture, except Medicare Dual Eligible and VIP Essential (+2 more)",
+        "acupuncture, not covered for Commercial or Medicaid (+2 more)",
         "Document for 97813 electroacupuncture, initial 15 minutes: "
-        "the member's plan (acupuncture: Medicare dual or VIP Essential only) "
-        "(+2 more)",
+        "the member's plan (acupuncture: Medicare only) (+2 more)",
     ]
     assert (
         "Document for 62325 cervical/thoracic epidural catheter, image-guided: "
@@ -726,7 +725,7 @@ def test_every_guideline_code_has_a_short_name_for_cards():
             "97813",
             "info",
             "Document for 97813 electroacupuncture, initial 15 minutes: the member's "
-            "plan (acupuncture: Medicare dual or VIP Essential only)",
+            "plan (acupuncture: Medicare only)",
         ),
         (
             "spine/esi-same-day-with-facet.json",

@@ -531,3 +531,98 @@ def test_codes_no_criterion_reads_are_not_relevant(guideline):
 
 def test_loading_twice_gives_the_same_rule_sets(guideline):
     assert sorted(Guideline.load().rule_sets) == sorted(guideline.rule_sets)
+
+
+REGION_SECTION = """\
+id: regions
+title: Region demo
+section: Regions
+codes:
+  - {system: cpt, code: "99993", display: Neck, region: cervical-thoracic}
+  - {system: cpt, code: "99994", display: Low back, region: lumbosacral}
+  - {system: cpt, code: "99995", display: Sacroiliac, region: sacroiliac}
+rules:
+  - {id: present, text: radicular pain, kind: condition-present,
+     params: {any_of: [radiculopathy], same_region: true}}
+  - {id: absent, text: no radicular pain, kind: condition-absent,
+     params: {any_of: [radiculopathy], same_region: true}}
+  - {id: anywhere, text: radicular pain in any region, kind: condition-present,
+     params: {any_of: [radiculopathy]}}
+"""
+
+
+def states(determination) -> dict[str, str]:
+    return {r.criterion_id: r.state.value for r in determination.results}
+
+
+@pytest.mark.parametrize(
+    ("codes", "order_code", "expected"),
+    [
+        (["icd10cm:M54.16"], "99994", ("met", "not-met")),
+        (["icd10cm:M54.16"], "99993", ("not-documented", "met")),
+        (["snomed:11049006"], "99994", ("not-documented", "met")),
+        (["snomed:11049006"], "99993", ("met", "not-met")),
+        # Thoracolumbar and unspecified-site codes name no region: either counts.
+        (["icd10cm:M54.15"], "99993", ("met", "not-met")),
+        (["icd10cm:M54.15"], "99994", ("met", "not-met")),
+        (["icd10cm:M54.10"], "99993", ("met", "not-met")),
+        (["icd10cm:M47.25"], "99993", ("met", "not-met")),
+        # A second, untagged coding of the same condition keeps it in any region.
+        (["icd10cm:M54.16", "snomed:82473003"], "99993", ("met", "not-met")),
+        # An order without a spine region keeps every condition.
+        (["icd10cm:M54.16"], "99995", ("met", "not-met")),
+    ],
+)
+def test_same_region_param_of_the_condition_kinds(
+    tmp_path, codes, order_code, expected
+):
+    g = Guideline.load(
+        rules_dir=write_rules(tmp_path, REGION_SECTION),
+        valuesets_dir=GUIDELINE_DIR / "valuesets",
+    )
+    (d,) = g.evaluate(record(conditions=[cond("r", *codes)]), [order(order_code)], ON)
+    present, absent = expected
+    assert states(d) == {"present": present, "absent": absent, "anywhere": "met"}
+
+
+def test_other_region_conditions_are_named_in_the_explanations(tmp_path):
+    g = Guideline.load(
+        rules_dir=write_rules(tmp_path, REGION_SECTION),
+        valuesets_dir=GUIDELINE_DIR / "valuesets",
+    )
+    rec = record(conditions=[cond("r", "icd10cm:M54.16", onset=None)])
+    (d,) = g.evaluate(rec, [order("99993")], ON)
+    present, absent, _ = d.results
+    assert present.explanation == (
+        "M54.16 (M54.16) is on record, but the order is for the cervical/thoracic "
+        "spine."
+    )
+    assert [e.description for e in present.evidence] == ["M54.16 (other region)"]
+    assert absent.explanation == (
+        "No current radicular pain (radiculopathy, radiculitis or sciatica) on "
+        "record for the cervical/thoracic spine; M54.16 (M54.16) concerns another "
+        "region."
+    )
+
+
+@pytest.mark.parametrize(
+    ("code", "region"),
+    [
+        ("icd10cm:M54.12", "cervical-thoracic"),
+        ("icd10cm:M54.14", "cervical-thoracic"),
+        ("icd10cm:M5416", "lumbosacral"),
+        ("icd10cm:M54.18", "lumbosacral"),
+        ("icd10cm:M54.15", None),
+        ("icd10cm:M54.1", None),
+        ("icd10cm:M51.17", "lumbosacral"),
+        ("icd10cm:M50.121", "cervical-thoracic"),
+        ("icd10cm:M47.26", "lumbosacral"),
+        ("snomed:128196005", "lumbosacral"),
+        ("snomed:82473003", None),
+        ("snomed:99999999", None),
+    ],
+)
+def test_value_set_region_is_the_most_specific_entry(guideline, code, region):
+    system, value = code.split(":")
+    valueset = guideline.valuesets["radiculopathy"]
+    assert valueset.region_of(Coding(system, value)) == region

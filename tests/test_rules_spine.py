@@ -125,7 +125,7 @@ def test_text_only_condition_is_named_in_the_explanation(guideline):
     ],
 )
 def test_epidural_pain_and_function(guideline, observations, expected):
-    (d,) = decide(guideline, esi_patient(observations=observations), order("62321"))
+    (d,) = decide(guideline, esi_patient(observations=observations), order("62323"))
     assert failing(d) == expected
 
 
@@ -225,8 +225,8 @@ def test_repeat_blind_epidural_after_poor_response_needs_imaging(guideline):
 
 
 def test_repeat_blind_epidural_response_unknown_is_not_documented(guideline):
-    rec = esi_patient(procedures=[proc("blind", "62320", 100)])
-    (d,) = decide(guideline, rec, order("62320"))
+    rec = esi_patient(procedures=[proc("blind", "62322", 100)])
+    (d,) = decide(guideline, rec, order("62322"))
     assert failing(d) == {"esi-repeat-blind-needs-imaging": "not-documented"}
 
 
@@ -356,7 +356,7 @@ def test_facet_diagnostic_block_all_met(guideline):
     ],
 )
 def test_facet_diagnostic_criteria(guideline, overrides, expected):
-    (d,) = decide(guideline, facet_patient(**overrides), order("64490"))
+    (d,) = decide(guideline, facet_patient(**overrides), order("64493"))
     assert failing(d) == expected
 
 
@@ -368,12 +368,16 @@ def test_facet_add_ons_need_every_earlier_level(guideline):
     assert [d.outcome for d in dets] == [Outcome.COVERED] * 3
 
 
-def therapeutic_history(first=200, second=170, relief=(8, 1), six_weeks=3):
-    """Two lumbar diagnostic blocks, the latter with the given pre/post scores."""
+def therapeutic_history(
+    first=200, second=170, relief=(8, 1), six_weeks=3, first_relief=(8, 1)
+):
+    """Two lumbar diagnostic blocks with the given pre/post scores of each."""
     pre, post = relief
     return dict(
         procedures=[proc("b1", "64493", first), proc("b2", "64493", second)],
         observations=[
+            pain("pre1", first_relief[0], first + 1),
+            pain("post1", first_relief[1], first),
             pain("pre", pre, second + 1),
             pain("post", post, second),
             pain("late", six_weeks, second - 50),
@@ -426,6 +430,24 @@ def test_facet_therapeutic_relief_thresholds(guideline, relief, six_weeks, expec
     (d,) = decide(guideline, facet_patient(**history), order("64493"))
     assert failing(d) == expected
     assert d.outcome is Outcome.CONDITIONAL
+
+
+def test_facet_therapeutic_relief_needs_both_diagnostic_blocks(guideline):
+    """A combined response from two blocks: the first block's 0% relief fails it
+    although the latest block gave 88%."""
+    history = therapeutic_history(first_relief=(8, 8))
+    (d,) = decide(guideline, facet_patient(**history), order("64493"))
+    assert d.outcome is Outcome.CONDITIONAL
+    assert failing(d) == {"facet-tx-prior-relief": "not-met"}
+    (result,) = [r for r in d.results if r.criterion_id == "facet-tx-prior-relief"]
+    assert result.explanation == (
+        "Insufficient relief: initial relief after the 2026-05-17 procedure 0% "
+        "(at least 80% required)."
+    )
+    # Only one block's initial scores on record: the other is not documented.
+    history["observations"] = history["observations"][2:]
+    (d,) = decide(guideline, facet_patient(**history), order("64493"))
+    assert failing(d) == {"facet-tx-prior-relief": "not-documented"}
 
 
 def test_facet_therapeutic_relief_without_scores_is_not_documented(guideline):
@@ -621,3 +643,108 @@ def test_facet_blocks_older_than_two_years_restart_the_diagnostic_phase(guidelin
     (d,) = decide(guideline, facet_patient(**history), order("64493"))
     assert d.outcome is Outcome.COVERED
     assert "facet-dx-pain-score" in {r.criterion_id for r in d.results}
+
+
+# --- spine region of the diagnosis against the region of the order ------------------
+
+
+def result(determination, criterion_id):
+    (found,) = [r for r in determination.results if r.criterion_id == criterion_id]
+    return found
+
+
+def test_cervical_facet_with_only_low_back_pain_is_not_documented(guideline):
+    (d,) = decide(guideline, facet_patient(), order("64490"))
+    assert d.outcome is Outcome.CONDITIONAL
+    assert failing(d) == {"facet-dx-axial-pain": "not-documented"}
+    assert result(d, "facet-dx-axial-pain").explanation.startswith(
+        "278860009 (278860009) since "
+    )
+    assert result(d, "facet-dx-axial-pain").explanation.endswith(
+        "is on record, but the order is for the cervical/thoracic spine."
+    )
+
+
+def test_cervical_facet_with_chronic_neck_pain_is_covered(guideline):
+    rec = facet_patient(conditions=[cond("neck", "snomed:1121000119107")])
+    (d,) = decide(guideline, rec, order("64490"))
+    assert d.outcome is Outcome.COVERED
+
+
+def test_lumbar_facet_with_only_a_cervical_radiculopathy_is_covered(guideline):
+    rec = facet_patient(
+        conditions=[cond("clbp", "snomed:278860009"), cond("r", "icd10cm:M54.12")]
+    )
+    (d,) = decide(guideline, rec, order("64493"))
+    assert d.outcome is Outcome.COVERED
+    assert result(d, "facet-dx-no-radiculopathy").state is State.MET
+    # The same radiculopathy bars a cervical block (and low back pain is no neck pain).
+    (d,) = decide(guideline, rec, order("64490"))
+    assert failing(d) == {
+        "facet-dx-axial-pain": "not-documented",
+        "facet-dx-no-radiculopathy": "not-met",
+    }
+
+
+def test_thoracolumbar_radiculopathy_bars_facet_blocks_of_either_region(guideline):
+    rec = facet_patient(
+        conditions=[cond("sp", "icd10cm:M47.812"), cond("r", "icd10cm:M54.15")]
+    )
+    (d,) = decide(guideline, rec, order("64490"))
+    assert failing(d) == {"facet-dx-no-radiculopathy": "not-met"}
+
+
+def test_fracture_of_the_other_region_does_not_rule_out_the_facet(guideline):
+    rec = facet_patient(
+        conditions=[cond("clbp", "snomed:278860009"), cond("fx", "icd10cm:S12.000A")]
+    )
+    (d,) = decide(guideline, rec, order("64493"))
+    assert d.outcome is Outcome.COVERED
+    (d,) = decide(guideline, rec, order("64490"))
+    assert failing(d) == {
+        "facet-dx-axial-pain": "not-documented",
+        "facet-dx-other-sources-ruled-out": "not-met",
+    }
+
+
+@pytest.mark.parametrize(
+    ("code", "order_code", "region"),
+    [
+        ("icd10cm:M54.16", "62321", "cervical/thoracic spine"),
+        ("icd10cm:M54.16", "64479", "cervical/thoracic spine"),
+        ("icd10cm:M54.12", "64483", "lumbar/sacral spine"),
+        ("icd10cm:M54.12", "62323", "lumbar/sacral spine"),
+        ("snomed:128196005", "62320", "cervical/thoracic spine"),
+    ],
+)
+def test_epidural_with_a_diagnosis_of_the_other_region_is_not_documented(
+    guideline, code, order_code, region
+):
+    rec = esi_patient(conditions=[cond("r", code, onset=None)])
+    (d,) = decide(guideline, rec, order(order_code))
+    assert d.outcome is Outcome.CONDITIONAL
+    assert failing(d) == {"esi-indication": "not-documented"}
+    label = code.split(":")[1]
+    assert result(d, "esi-indication").explanation == (
+        f"{label} ({label}) is on record, but the order is for the {region}."
+    )
+
+
+@pytest.mark.parametrize(
+    ("code", "order_code"),
+    [
+        ("icd10cm:M54.12", "62321"),
+        ("icd10cm:M54.12", "64479"),
+        ("icd10cm:M50.121", "64479"),
+        ("icd10cm:M54.16", "64483"),
+        ("icd10cm:M54.15", "62321"),  # thoracolumbar: either region
+        ("icd10cm:M54.15", "64483"),
+        ("icd10cm:M96.1", "62321"),  # post-laminectomy names no region
+    ],
+)
+def test_epidural_with_a_diagnosis_of_its_region_is_covered(
+    guideline, code, order_code
+):
+    rec = esi_patient(conditions=[cond("r", code)])
+    (d,) = decide(guideline, rec, order(order_code))
+    assert d.outcome is Outcome.COVERED

@@ -208,6 +208,39 @@ def match_conditions(ctx: Context, valuesets: Iterable[ValueSet]) -> ConditionMa
     return result
 
 
+REGION_NAMES = {
+    "cervical-thoracic": "cervical/thoracic spine",
+    "lumbosacral": "lumbar/sacral spine",
+}
+
+
+def split_by_region(
+    ctx: Context, conditions: Iterable[ConditionFact], valuesets: Iterable[ValueSet]
+) -> tuple[list[ConditionFact], list[ConditionFact]]:
+    """Conditions that may concern the order's spine region, and those that cannot.
+
+    A condition is in another region only when every coding matching the value
+    sets names a region and none is the order's; untagged codes (unspecified or
+    thoracolumbar site) match either region. Orders without a spine region
+    (sacroiliac, peripheral) keep every condition.
+    """
+    region = ctx.code.region
+    conditions = list(conditions)
+    if region not in REGION_NAMES:
+        return conditions, []
+    valuesets = tuple(valuesets)
+    same, other = [], []
+    for cond in conditions:
+        regions = {
+            vs.region_of(c) for c in cond.codings for vs in valuesets if vs.contains(c)
+        }
+        if not regions or None in regions or region in regions:
+            same.append(cond)
+        else:
+            other.append(cond)
+    return same, other
+
+
 def condition_label(cond: ConditionFact) -> str:
     if cond.text:
         return cond.text

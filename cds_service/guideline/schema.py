@@ -26,6 +26,7 @@ logger = logging.getLogger(__name__)
 # libyaml's loader when PyYAML was built with it: the files load several times faster.
 _LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 REGIONS = ("cervical-thoracic", "lumbosacral", "sacroiliac")
+SPINE_REGIONS = ("cervical-thoracic", "lumbosacral")
 _PREFIX_BY_DEFAULT = {CodeSystem.ICD10CM, CodeSystem.SOP}
 VALUESETS_DIR = Path(__file__).parent / "valuesets"
 
@@ -75,6 +76,8 @@ class ValueSetEntrySchema(Schema):
     name = fields.String(load_default=None)
     value = fields.Float(load_default=None)
     note = fields.String(load_default=None)
+    # The spine region the code names; untagged entries match any region.
+    region = fields.String(load_default=None, validate=validate.OneOf(SPINE_REGIONS))
 
     @validates_schema
     def _check(self, data, **_):
@@ -141,6 +144,7 @@ def _build_valueset(data: dict, path: Path) -> ValueSet:
                 name=raw["name"],
                 value=raw["value"],
                 note=raw["note"],
+                region=raw["region"],
             )
         )
     return ValueSet(

@@ -97,6 +97,7 @@ class ValueSetEntry:
     name: str | None = None  # RxNorm ingredient name matched as a word
     value: float | None = None  # numeric meaning of a LOINC answer code
     note: str | None = None
+    region: str | None = None  # spine region the code names, None = any region
 
 
 @dataclass
@@ -116,6 +117,9 @@ class ValueSet:
     _prefixes: dict[str, set[str]] = field(default_factory=dict, repr=False)
     _name_pattern: re.Pattern | None = field(default=None, repr=False)
     _values: dict[tuple[str, str], float] = field(default_factory=dict, repr=False)
+    _regions: dict[tuple[str, str, bool], str | None] = field(
+        default_factory=dict, repr=False
+    )
 
     def __post_init__(self) -> None:
         names = []
@@ -126,6 +130,7 @@ class ValueSet:
                 index.setdefault(entry.system, set()).add(code)
                 if entry.value is not None:
                     self._values[(entry.system, code)] = entry.value
+                self._regions[(entry.system, code, entry.prefix)] = entry.region
             if entry.name:
                 names.append(re.escape(entry.name.strip().lower()))
         if names:
@@ -165,6 +170,21 @@ class ValueSet:
                 self.matches_name(c.display) for c in codings
             ):
                 return "name"
+        return None
+
+    def region_of(self, coding: Coding) -> str | None:
+        """Spine region of the most specific entry matching the coding, if tagged.
+
+        A category entry (M54.1) stays untagged while its region-specific subcodes
+        (M54.12, M54.16) are tagged, so the longest match decides.
+        """
+        code = normalize_code(coding.system, coding.code or "")
+        if (coding.system, code, False) in self._regions:
+            return self._regions[(coding.system, code, False)]
+        for i in range(len(code), 0, -1):
+            key = (coding.system, code[:i], True)
+            if key in self._regions:
+                return self._regions[key]
         return None
 
     def value_of(self, coding: Coding) -> float | None:

@@ -7,6 +7,7 @@ import logging
 from marshmallow import Schema, fields, validate
 
 from cds_service.guideline.criteria import (
+    REGION_NAMES,
     Context,
     Finding,
     condition_evidence,
@@ -16,6 +17,7 @@ from cds_service.guideline.criteria import (
     ignored_note,
     match_conditions,
     register_kind,
+    split_by_region,
     unavailable,
 )
 from cds_service.model import DataCategory, State
@@ -43,6 +45,26 @@ def _found(conditions) -> str:
     return "; ".join(parts)
 
 
+def _current(ctx: Context, params: dict, name: str):
+    """Current conditions of a value-set param: (counted, in another region)."""
+    valuesets = params.get(name)
+    if not valuesets:
+        return [], []
+    current = match_conditions(ctx, valuesets).current
+    if not params.get("same_region"):
+        return current, []
+    return split_by_region(ctx, current, valuesets)
+
+
+def _other_region_note(ctx: Context, conditions) -> str:
+    if not conditions:
+        return ""
+    return (
+        f" {_found(conditions)} is on record, but the order is for the "
+        f"{REGION_NAMES[ctx.code.region]}."
+    )
+
+
 def _text_only_note(ctx: Context) -> str:
     count = sum(1 for c in ctx.record.conditions if not c.codings and c.text)
     if not count:
@@ -59,6 +81,8 @@ class ConditionPresentParams(Schema):
     )
     counter_evidence = fields.List(fields.String(), load_default=None)
     counter_explanation = fields.String(load_default=None)
+    # Only conditions whose code names the order's spine region (or no region) count.
+    same_region = fields.Boolean(load_default=False)
 
 
 @register_kind(
@@ -73,31 +97,33 @@ def condition_present(params: dict, ctx: Context) -> Finding:
         return missing
     wanted = _titles(params["any_of"])
     found = match_conditions(ctx, params["any_of"])
+    current, elsewhere = _current(ctx, params, "any_of")
     note = ignored_note(found.ignored)
-    if not found.current:
-        counter = params.get("counter_evidence")
-        if counter:
-            against = match_conditions(ctx, counter).current
-            if against:
-                return Finding(
-                    State.NOT_MET,
-                    (params.get("counter_explanation") or f"No {wanted} on record.")
-                    + note,
-                    tuple(condition_evidence(c) for c in against),
-                )
+    if not current:
+        against, _ = _current(ctx, params, "counter_evidence")
+        if against:
+            return Finding(
+                State.NOT_MET,
+                (params.get("counter_explanation") or f"No {wanted} on record.") + note,
+                tuple(condition_evidence(c) for c in against),
+            )
+        if elsewhere:
+            return Finding(
+                State.NOT_DOCUMENTED,
+                _other_region_note(ctx, elsewhere).strip() + note,
+                tuple(condition_evidence(c, "other region") for c in elsewhere),
+            )
         return Finding(
             State.NOT_DOCUMENTED,
             f"No current {wanted} on record.{note}{_text_only_note(ctx)}".strip(),
         )
 
-    evidence = tuple(condition_evidence(c) for c in found.current)
+    evidence = tuple(condition_evidence(c) for c in current)
     min_days = params.get("min_duration_days")
     if min_days is None:
-        return Finding(
-            State.MET, f"On record: {_found(found.current)}.{note}", evidence
-        )
+        return Finding(State.MET, f"On record: {_found(current)}.{note}", evidence)
 
-    dated = [c.first_evidence for c in found.current if c.first_evidence]
+    dated = [c.first_evidence for c in current if c.first_evidence]
     if not dated:
         return Finding(
             State.NOT_DOCUMENTED,
@@ -110,7 +136,7 @@ def condition_present(params: dict, ctx: Context) -> Finding:
     if held >= min_days:
         return Finding(
             State.MET,
-            f"On record: {_found(found.current)}; {held} days (at least {min_days} "
+            f"On record: {_found(current)}; {held} days (at least {min_days} "
             f"required).{note}",
             evidence,
         )
@@ -127,6 +153,9 @@ class ConditionAbsentParams(Schema):
         fields.String(), required=True, validate=validate.Length(min=1)
     )
     unless_any_of = fields.List(fields.String(), load_default=None)
+    # A condition whose code names another spine region than the order's is not
+    # counted against (nor, in unless_any_of, for) the order.
+    same_region = fields.Boolean(load_default=False)
 
 
 @register_kind(
@@ -146,21 +175,26 @@ def condition_absent(params: dict, ctx: Context) -> Finding:
         return missing
     unwanted = _titles(params["any_of"])
     found = match_conditions(ctx, params["any_of"])
+    current, elsewhere = _current(ctx, params, "any_of")
     note = ignored_note(found.ignored)
-    if found.current:
-        evidence = tuple(condition_evidence(c) for c in found.current)
-        unless = params.get("unless_any_of")
-        if unless:
-            overriding = match_conditions(ctx, unless).current
-            if overriding:
-                return Finding(
-                    State.MET,
-                    f"{_found(found.current)} is on record, but so is "
-                    f"{_found(overriding)}, taken as the source of the pain.",
-                    evidence + tuple(condition_evidence(c) for c in overriding),
-                )
+    if current:
+        evidence = tuple(condition_evidence(c) for c in current)
+        overriding, _ = _current(ctx, params, "unless_any_of")
+        if overriding:
+            return Finding(
+                State.MET,
+                f"{_found(current)} is on record, but so is "
+                f"{_found(overriding)}, taken as the source of the pain.",
+                evidence + tuple(condition_evidence(c) for c in overriding),
+            )
+        return Finding(State.NOT_MET, f"On record: {_found(current)}.{note}", evidence)
+    if elsewhere:
         return Finding(
-            State.NOT_MET, f"On record: {_found(found.current)}.{note}", evidence
+            State.MET,
+            f"No current {unwanted} on record for the "
+            f"{REGION_NAMES[ctx.code.region]}; {_found(elsewhere)} concerns "
+            f"another region.{note}",
+            tuple(condition_evidence(c, "other region") for c in elsewhere),
         )
 
     if not holds_coded_conditions(ctx):

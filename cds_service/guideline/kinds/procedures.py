@@ -138,6 +138,9 @@ class ReliefCheckSchema(Schema):
     post_from_days = fields.Integer(load_default=0, validate=validate.Range(min=0))
     post_to_days = fields.Integer(load_default=1, validate=validate.Range(min=0))
     label = fields.String(load_default="relief")
+    # "each": every procedure judged (see `evaluate`); "latest": the last one only,
+    # for a check such as lasting relief that later procedures would mask.
+    of = fields.String(load_default="each", validate=validate.OneOf(["each", "latest"]))
 
 
 class PriorResponseParams(Schema):
@@ -200,6 +203,8 @@ def prior_response(params: dict, ctx: Context) -> Finding:
     for proc in judged:
         evidence.append(proc_evidence(proc))
         for check in params["checks"]:
+            if check["of"] == "latest" and proc is not judged[-1]:
+                continue
             relief = relief_after(
                 proc,
                 scores,

@@ -306,11 +306,13 @@ def recent_procedure(params: dict, ctx: Context) -> Finding:
         key=lambda p: p.performed,
     )
     recent = [p for p in matching if p.performed >= start]
+    # `what` is written for mid-sentence use ("a qualifying major operation").
+    what = params["what"][:1].upper() + params["what"][1:]
     if recent:
         last = recent[-1]
         return Finding(
             State.MET,
-            f"{params['what']} on {last.performed.isoformat()}, "
+            f"{what} on {last.performed.isoformat()}, "
             f"{(day - last.performed).days} day(s) before.",
             (proc_evidence(last),),
         )
@@ -318,11 +320,12 @@ def recent_procedure(params: dict, ctx: Context) -> Finding:
         last = matching[-1]
         return Finding(
             State.NOT_MET,
-            f"The last {params['what']} was on {last.performed.isoformat()}, more than "
+            f"{what} is on record, the latest on {last.performed.isoformat()}, "
+            "more than "
             f"{params['days_before']} days before {day.isoformat()}.",
             (proc_evidence(last),),
         )
-    return Finding(State.NOT_DOCUMENTED, f"No {params['what']} on record.")
+    return Finding(State.NOT_DOCUMENTED, f"{what} is not on record.")
 
 
 # --- routine, periodic use ------------------------------------------------------------

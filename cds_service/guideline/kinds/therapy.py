@@ -151,10 +151,11 @@ def _therapy_finding(params: dict, ctx: Context) -> Finding:
     first = min(dated)
     held = days_between(first, ctx.on)
     if held >= min_days:
+        # Sections that name no duration (SI, soft tissue) set min_days to 0.
+        needed = f"; at least {min_days} required" if min_days else ""
         return Finding(
             State.MET,
-            f"Conservative therapy since {first.isoformat()} ({held} days; at least "
-            f"{min_days} required).",
+            f"Conservative therapy since {first.isoformat()} ({held} days{needed}).",
             evidence,
         )
     if missing:
