@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import re
 import threading
 import time
+import weakref
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -156,6 +158,7 @@ class Store:
         # uuids this process already wrote: the same card issued again (the usual
         # case while a clinician edits an order set) costs no write.
         self._known_cards: set[str] = set()
+        self.audit = AuditWriter(self)
 
     @property
     def engine(self) -> Engine:
@@ -220,6 +223,7 @@ class Store:
                 metadata.drop_all(connection)
 
     def dispose(self) -> None:
+        self.audit.flush()
         if self._engine is not None:
             self._engine.dispose()
             self._engine = None
@@ -227,30 +231,23 @@ class Store:
     # --- audit -----------------------------------------------------------------
 
     def record_call(self, entry: dict) -> None:
-        """Store one hook call; only the audit fields are kept (never a token)."""
-        row = {
-            "at": entry.get("at") or datetime.now(UTC),
-            "hook_instance": safe_hook_instance(entry.get("hook_instance")),
-            "service": _text(entry.get("service"), 128),
-            "hook": safe_hook(entry.get("hook")),
-            "order_codes": [_code(code) for code in _list(entry.get("order_codes"))],
-            "determinations": [
-                {"code": _code(item.get("code")), "outcome": item.get("outcome")}
-                for item in _list(entry.get("determinations"))
-                if isinstance(item, dict)
-            ],
-            "card_summaries": list(entry.get("card_summaries") or []),
-            "status": int(entry["status"]),
-            "duration_ms": float(entry["duration_ms"]),
-        }
-        # One Core insert with parameters: its compiled form is cached, where an
-        # ORM session and `.values(...)` rebuilt the statement on every call.
+        """Store one hook call now; only the audit fields are kept (never a token)."""
+        self.record_calls([audit_row(entry)])
+
+    def record_calls(self, rows: list[dict]) -> None:
+        """Store rows made by `audit_row`, in one transaction and one statement."""
+        if not rows:
+            return
+        # A Core insert with a list of parameters is one executemany, its compiled
+        # form cached: a batch costs little more than a single row.
         with self.engine.begin() as connection:
-            connection.execute(audit_calls.insert(), row)
+            connection.execute(audit_calls.insert(), rows)
 
     def calls(
         self, since: datetime | None = None, until: datetime | None = None
     ) -> list[dict]:
+        # This process's calls not yet written are part of the answer.
+        self.audit.flush()
         return self._rows(audit_calls, audit_calls.c.at, since, until)
 
     def _rows(self, table, at, since, until) -> list[dict]:
@@ -422,6 +419,135 @@ class Store:
         return 1 if inserted.first() is not None else 0
 
 
+def audit_row(entry: dict) -> dict:
+    """The row stored for a hook call: the audit fields only, caller text made safe."""
+    return {
+        "at": entry.get("at") or datetime.now(UTC),
+        "hook_instance": safe_hook_instance(entry.get("hook_instance")),
+        "service": _text(entry.get("service"), 128),
+        "hook": safe_hook(entry.get("hook")),
+        "order_codes": [_code(code) for code in _list(entry.get("order_codes"))],
+        "determinations": [
+            {"code": _code(item.get("code")), "outcome": item.get("outcome")}
+            for item in _list(entry.get("determinations"))
+            if isinstance(item, dict)
+        ],
+        "card_summaries": list(entry.get("card_summaries") or []),
+        "status": int(entry["status"]),
+        "duration_ms": float(entry["duration_ms"]),
+    }
+
+
+class AuditWriter:
+    """Hook-call rows written behind the answers, many calls to one commit.
+
+    A row per call in a transaction of its own held each answering thread on the
+    database (and, on SQLite, on the other workers' write lock) for longer than
+    judging the order took. Rows are queued instead and a thread of this process
+    writes what has gathered every `interval` seconds, or as soon as `batch` rows
+    wait. Nothing is dropped to keep up: past `max_pending` waiting rows the
+    answering thread writes them itself. Pending rows are written by `flush()`,
+    which reading the audit, disposing of the store and leaving the process
+    (gunicorn's graceful stop included) all call; only a process killed outright
+    loses what it had not written, at most `interval` seconds of calls.
+    """
+
+    def __init__(
+        self,
+        store: Store,
+        *,
+        interval: float = 0.1,
+        batch: int = 100,
+        max_pending: int = 5_000,
+        idle_seconds: float = 30.0,
+    ):
+        self.store = store
+        self.interval = interval
+        self.batch = batch
+        self.max_pending = max_pending
+        self.idle_seconds = idle_seconds
+        self._pid: int | None = None
+        self._prepare()
+        _writers.add(self)
+
+    def _prepare(self) -> None:
+        # Locks, the queue and the thread belong to one process: a forked gunicorn
+        # worker starts empty (its parent writes its own rows) with a thread of its
+        # own, started by the first call it answers.
+        self._pid = os.getpid()
+        self._pending: list[dict] = []
+        self._wake = threading.Condition()
+        self._writing = threading.Lock()
+        self._thread: threading.Thread | None = None
+
+    def put(self, entry: dict) -> None:
+        """Queue the audit row of one call."""
+        try:
+            row = audit_row(entry)
+        except Exception:
+            # Losing an audit row must not turn an answered call into an error.
+            logger.exception("audit record not written")
+            return
+        if self._pid != os.getpid():
+            self._prepare()
+        with self._wake:
+            self._pending.append(row)
+            waiting = len(self._pending)
+            if self._thread is None:
+                self._thread = threading.Thread(
+                    target=self._run, name="pain-cds-audit", daemon=True
+                )
+                self._thread.start()
+            elif waiting >= self.batch:
+                self._wake.notify()
+        if waiting >= self.max_pending:
+            self.flush()
+
+    def flush(self) -> None:
+        """Write every row queued so far in this process, before returning."""
+        if self._pid != os.getpid():
+            return
+        # Held while taking the rows and writing them, so rows reach the table in
+        # the order they were queued, whoever writes them.
+        with self._writing:
+            with self._wake:
+                rows, self._pending = self._pending, []
+            self._write(rows)
+
+    def _run(self) -> None:
+        while True:
+            with self._wake:
+                if not self._wake.wait_for(lambda: self._pending, self.idle_seconds):
+                    # Idle: the thread ends and the next call starts another, so
+                    # an app that is no longer called holds no thread.
+                    self._thread = None
+                    return
+                # Gather for up to `interval`, so one commit carries many calls.
+                self._wake.wait_for(
+                    lambda: len(self._pending) >= self.batch, self.interval
+                )
+            self.flush()
+
+    def _write(self, rows: list[dict]) -> None:
+        if not rows:
+            return
+        try:
+            self.store.record_calls(rows)
+        except Exception:
+            # A database that fails must not fail the calls; the loss is logged.
+            logger.exception("audit records not written", extra={"rows": len(rows)})
+
+
+# Every writer, so that leaving the process writes what each still holds.
+_writers: weakref.WeakSet[AuditWriter] = weakref.WeakSet()
+
+
+@atexit.register
+def _flush_writers() -> None:
+    for writer in list(_writers):
+        writer.flush()
+
+
 def _sqlite_pragmas(connection, _record) -> None:
     # WAL lets the report read while workers write; busy_timeout makes concurrent
     # writers wait instead of failing with "database is locked".
@@ -464,9 +590,10 @@ def _list(value: object) -> list:
 def init_app(app: Flask, settings=None, store: Store | None = None) -> Store:
     """Open the store (schema created now) and audit every hook call.
 
-    The audit row is written after the response has been sent (`call_on_close`),
-    so the database never adds to the caller's wait; status and duration are
-    measured here, the rest comes from `flask.g.audit_entry` set by the handler.
+    The audit row is queued once the response is ready and written by the store's
+    `AuditWriter`, so the database never adds to the caller's wait; status and
+    duration are measured here, the rest comes from `flask.g.audit_entry` set by
+    the handler.
     """
     if store is None:
         if settings is None:
@@ -483,8 +610,7 @@ def init_app(app: Flask, settings=None, store: Store | None = None) -> Store:
     def audit(response: Response) -> Response:
         if request.method != "POST" or not _HOOK_PATH.match(request.path):
             return response
-        entry = _audit_row(response)
-        response.call_on_close(lambda: _write(store, entry))
+        store.audit.put(_audit_entry(response))
         return response
 
     # First, so that calls refused by an earlier before_request (401) are timed too.
@@ -493,7 +619,7 @@ def init_app(app: Flask, settings=None, store: Store | None = None) -> Store:
     return store
 
 
-def _audit_row(response: Response) -> dict:
+def _audit_entry(response: Response) -> dict:
     started = g.get("audit_started")
     duration = (time.perf_counter() - started) * 1000 if started else 0.0
     given = g.get("audit_entry") or _from_body(response.status_code)
@@ -531,11 +657,3 @@ def _from_body(status: int) -> dict:
     if not isinstance(body, dict):
         return {}
     return {"hook_instance": body.get("hookInstance"), "hook": body.get("hook")}
-
-
-def _write(store: Store, entry: dict) -> None:
-    try:
-        store.record_call(entry)
-    except Exception:
-        # Losing an audit row must not turn an answered call into an error.
-        logger.exception("audit record not written", extra={"status": entry["status"]})

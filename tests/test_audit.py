@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import threading
+import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -183,6 +187,158 @@ def test_the_service_audits_its_hook_calls(client, app):
         "Remove 64493 lumbar/sacral facet injection, not covered: myofascial pain, "
         "where a facet block is not indicated"
     ]
+
+
+# --- the audit writer: rows written behind the answers ------------------------------
+
+
+def _entry(n: int, status: int = 200) -> dict:
+    return {
+        "hook_instance": HI[n],
+        "service": "pain-management-order-sign",
+        "hook": "order-sign",
+        "order_codes": ["62323"],
+        "determinations": [{"code": "62323", "outcome": "covered"}],
+        "card_summaries": [],
+        "status": status,
+        "duration_ms": 4.0,
+    }
+
+
+def _reader(store):
+    """Another Store on the same database: it sees only what was committed."""
+    return storage.Store(store.url, schema=store.schema)
+
+
+def _wait_for_rows(reader, count: int, seconds: float = 5.0) -> list[dict]:
+    deadline = time.monotonic() + seconds
+    while True:
+        rows = reader.calls()
+        if len(rows) >= count or time.monotonic() > deadline:
+            return rows
+        time.sleep(0.02)
+
+
+def test_queued_rows_are_written_without_anyone_asking(store):
+    writer = storage.AuditWriter(store, interval=0.05)
+    for n in (1, 2, 3):
+        writer.put(_entry(n))
+
+    rows = _wait_for_rows(_reader(store), 3)
+
+    assert [row["hook_instance"] for row in rows] == [HI[1], HI[2], HI[3]]
+    assert [row["status"] for row in rows] == [200, 200, 200]
+
+
+def test_many_calls_share_one_commit_in_the_order_they_came(store, monkeypatch):
+    commits = []
+    write = store.record_calls
+    monkeypatch.setattr(
+        store, "record_calls", lambda rows: (commits.append(len(rows)), write(rows))
+    )
+    writer = storage.AuditWriter(store, interval=30, batch=1_000)
+    for n in range(1, 10):
+        writer.put(_entry(n))
+    writer.flush()
+
+    assert commits == [9]
+    assert [row["hook_instance"] for row in store.calls()] == [
+        HI[n] for n in range(1, 10)
+    ]
+
+
+def test_a_full_queue_is_written_by_the_caller_not_dropped(store):
+    # The thread would wait 30 s; the third row makes the answering thread write.
+    writer = storage.AuditWriter(store, interval=30, batch=1_000, max_pending=3)
+    for n in (1, 2, 3):
+        writer.put(_entry(n))
+
+    assert [row["hook_instance"] for row in _reader(store).calls()] == [
+        HI[1],
+        HI[2],
+        HI[3],
+    ]
+
+
+def test_reading_the_audit_includes_calls_still_queued(store):
+    writer = store.audit
+    writer.interval = 30
+    writer.put(_entry(4))
+
+    assert [row["hook_instance"] for row in store.calls()] == [HI[4]]
+
+
+def test_a_failing_database_loses_the_rows_with_a_log_line_not_the_call(
+    store, monkeypatch, caplog
+):
+    def refuse(rows):
+        raise sa.exc.OperationalError("INSERT", {}, Exception("database is gone"))
+
+    monkeypatch.setattr(store, "record_calls", refuse)
+    writer = storage.AuditWriter(store, interval=30)
+    writer.put(_entry(5))
+    writer.put(_entry(6))
+    writer.flush()
+
+    [record] = [r for r in caplog.records if r.name == "cds_service.storage"]
+    assert (record.levelname, record.getMessage(), record.rows) == (
+        "ERROR",
+        "audit records not written",
+        2,
+    )
+
+
+def test_an_idle_writer_holds_no_thread(store):
+    writer = storage.AuditWriter(store, interval=0.01, idle_seconds=0.05)
+    writer.put(_entry(7))
+    thread = writer._thread
+
+    thread.join(timeout=5)
+
+    assert not thread.is_alive() and writer._thread is None
+    writer.put(_entry(8))  # a later call starts another
+    assert [row["hook_instance"] for row in _wait_for_rows(_reader(store), 2)] == [
+        HI[7],
+        HI[8],
+    ]
+
+
+def test_a_process_leaving_writes_what_it_still_held(store, tmp_path):
+    # Without a flush and with the thread asleep for a minute: the exit handler
+    # writes the row (gunicorn workers leave the same way on a graceful stop).
+    script = tmp_path / "leave.py"
+    script.write_text(
+        "import sys\n"
+        "from cds_service import storage\n"
+        "store = storage.Store(sys.argv[1], schema=sys.argv[2] or None)\n"
+        "store.audit.interval = 60\n"
+        f"store.audit.put({_entry(9)!r})\n"
+    )
+    subprocess.run(
+        [sys.executable, str(script), store.url, store.schema or ""],
+        check=True,
+        cwd=Path(__file__).resolve().parent.parent,
+        timeout=60,
+    )
+
+    assert [row["hook_instance"] for row in store.calls()] == [HI[9]]
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_a_forked_worker_does_not_write_its_parents_rows(store):
+    writer = storage.AuditWriter(store, interval=30)
+    writer.put(_entry(1))  # pending in the parent when gunicorn forks
+    child = os.fork()
+    if child == 0:  # the worker: its own row only
+        try:
+            writer.put(_entry(2))
+            writer.flush()
+        finally:
+            os._exit(0)
+    os.waitpid(child, 0)
+    writer.flush()
+
+    assert sorted(row["hook_instance"] for row in store.calls()) == [HI[1], HI[2]]
 
 
 # --- JWT jti replay cache ------------------------------------------------------------

@@ -12,6 +12,7 @@ from conftest import EVALUATION_DATE, spine_request
 
 from cds_service import create_app
 from cds_service.config import Settings
+from cds_service.storage import Store
 
 SIGN = "pain-management-order-sign"
 
@@ -76,6 +77,11 @@ def test_a_call_in_flight_at_sigterm_is_answered(serve_process, fhir_stub, tmp_p
     )
     assert answer["body"] == expected.get_json()
     assert answer["body"]["cards"] != []
+    # The worker wrote the call's audit row before it left.
+    record = Store(f"sqlite:///{tmp_path / 'serve.sqlite'}").calls()
+    assert [(row["hook_instance"], row["status"]) for row in record] == [
+        (body["hookInstance"], 200)
+    ]
 
     lines = [json.loads(line) for line in server.log.splitlines() if line.strip()]
     messages = [line["message"] for line in lines]
