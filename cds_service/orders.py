@@ -58,16 +58,19 @@ def codings_of(concept: object) -> tuple[Coding, ...]:
         return ()
     codings = []
     for item in raw:
-        if not isinstance(item, dict):
-            continue
-        code = item.get("code")
-        if not isinstance(code, str) or not code.strip():
-            continue
-        uri = item.get("system") if isinstance(item.get("system"), str) else ""
-        system = normalize_system(uri) or uri
-        display = item.get("display") if isinstance(item.get("display"), str) else None
-        codings.append(Coding(system=system, code=code.strip(), display=display))
+        if isinstance(item, dict):
+            code = item.get("code")
+            if isinstance(code, str) and code.strip():
+                codings.append(coding_of(item))
     return tuple(codings)
+
+
+def coding_of(item: dict) -> Coding:
+    """One raw coding whose `code` is a non-blank string, as a `Coding`."""
+    uri = item.get("system") if isinstance(item.get("system"), str) else ""
+    system = normalize_system(uri) or uri
+    display = item.get("display") if isinstance(item.get("display"), str) else None
+    return Coding(system=system, code=item["code"].strip(), display=display)
 
 
 def concept_text(concept: object, codings: tuple[Coding, ...] = ()) -> str | None:

@@ -4,12 +4,9 @@ from __future__ import annotations
 
 import copy
 import functools
-import hashlib
 import json
 import logging
 import re
-import threading
-from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -18,6 +15,7 @@ from pydantic import ValidationError
 
 from cds_service.fhir_dates import first_date, is_naive_datetime, parse_date
 from cds_service.guideline.schema import answer_values
+from cds_service.memo import DigestMemo, digest
 from cds_service.model import (
     CodeSystem,
     Coding,
@@ -29,7 +27,7 @@ from cds_service.model import (
     PatientRecord,
     ProcedureFact,
 )
-from cds_service.orders import codings_of, concept_text
+from cds_service.orders import coding_of, codings_of, concept_text
 from cds_service.references import other_patient_element
 
 logger = logging.getLogger(__name__)
@@ -253,15 +251,16 @@ def _raw_codings(concept: object) -> list[dict]:
     raw = concept.get("coding")
     if isinstance(raw, dict):
         raw = [raw]
-    if not isinstance(raw, list):
+    elif not isinstance(raw, list):
         return []
-    return [
-        item
-        for item in raw
-        if isinstance(item, dict)
-        and isinstance(item.get("code"), str)
-        and item["code"].strip()
-    ]
+    # Run for every resource of a long history: one pass, no helper calls.
+    found = []
+    for item in raw:
+        if isinstance(item, dict):
+            code = item.get("code")
+            if isinstance(code, str) and code.strip():
+                found.append(item)
+    return found
 
 
 class _RelevanceMemo:
@@ -286,7 +285,7 @@ class _RelevanceMemo:
             return self._ask(item)
 
     def _ask(self, item: dict) -> bool:
-        return any(map(self.is_relevant, codings_of({"coding": [item]})))
+        return self.is_relevant(coding_of(item))
 
 
 def validated(resource: dict) -> dict | None:
@@ -302,16 +301,16 @@ def validated(resource: dict) -> dict | None:
     except (KeyError, ValueError):
         return None
 
-    digest = _digest(resource)
-    if digest is not None and _known_valid.seen(digest):
+    key = _digest(resource)
+    if key is not None and _known_valid.get(key):
         return resource
 
     data = resource
     for _ in range(_MAX_REPAIRS):
         try:
             model.model_validate(data)
-            if data is resource and digest is not None:
-                _known_valid.add(digest)
+            if data is resource and key is not None:
+                _known_valid.put(key, True)
             return data
         except ValidationError as error:
             errors = error.errors()
@@ -331,33 +330,11 @@ def validated(resource: dict) -> dict | None:
     return None
 
 
-class _Digests:
-    """A bounded, thread-safe set of digests, oldest forgotten first."""
-
-    def __init__(self, size: int):
-        self.size = size
-        self.items: OrderedDict[bytes, None] = OrderedDict()
-        self.lock = threading.Lock()
-
-    def seen(self, digest: bytes) -> bool:
-        with self.lock:
-            if digest in self.items:
-                self.items.move_to_end(digest)
-                return True
-            return False
-
-    def add(self, digest: bytes) -> None:
-        with self.lock:
-            self.items[digest] = None
-            if len(self.items) > self.size:
-                self.items.popitem(last=False)
-
-
 # order-select fires on every change to the order form, with the same prefetch each
 # time, and validating a resource costs some 20 times parsing it. Only a digest of
 # each resource that validated unchanged is kept, never its content: the service
 # keeps no patient data between calls (CRD sec-6).
-_known_valid = _Digests(size=8192)
+_known_valid = DigestMemo(size=8192)
 
 
 def _digest(resource: dict) -> bytes | None:
@@ -365,7 +342,7 @@ def _digest(resource: dict) -> bytes | None:
         text = json.dumps(resource, sort_keys=True, separators=(",", ":"))
     except (TypeError, ValueError):
         return None
-    return hashlib.blake2b(text.encode(), digest_size=16).digest()
+    return digest(text)
 
 
 # The lookup imports the model's module on every call; the classes never change.

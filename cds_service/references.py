@@ -38,6 +38,12 @@ def other_patient_element(resource: dict, patient_id: str | None) -> str | None:
     """
     if not patient_id:
         return None
+    # The usual case, checked for every resource of a long history without the
+    # pattern: the subject is the patient's own relative reference.
+    subject = resource.get("subject")
+    own = "Patient/" + patient_id
+    if isinstance(subject, dict) and subject.get("reference") == own:
+        return None
     named = referenced_patient(resource)
     if named is None or named[1] == patient_id:
         return None

@@ -18,6 +18,7 @@ from cds_service.guideline.schema import (
     load_valuesets,
 )
 from cds_service.guideline.valuesets import ValueSet, normalize_code
+from cds_service.memo import DigestMemo, digest
 from cds_service.model import (
     CodeSystem,
     Coding,
@@ -61,6 +62,7 @@ class Guideline:
             title="every code a criterion reads",
             entries=tuple(e for vs in valuesets.values() for e in vs.entries),
         )
+        self._relevance = DigestMemo(size=16_384)
 
     @classmethod
     def load(cls, rules_dir=None, valuesets_dir=None) -> Guideline:
@@ -84,9 +86,18 @@ class Guideline:
         return self.procedure_code(coding) is not None
 
     def is_relevant(self, coding: Coding) -> bool:
-        if self.covers(coding):
-            return True
-        return self._relevant.match((coding,)) is not None
+        """Could a criterion read a resource carrying this coding?
+
+        Asked for each distinct coding of every call; matching a display against
+        the ingredient names costs more than the rest of the question, and the
+        answer never changes, so it is kept under the coding's digest.
+        """
+        key = digest(repr((coding.system, coding.code, coding.display)))
+        answer = self._relevance.get(key)
+        if answer is None:
+            answer = self.covers(coding) or self._relevant.match((coding,)) is not None
+            self._relevance.put(key, answer)
+        return answer
 
     def observation_codes(self) -> list[Coding]:
         """LOINC codes the criteria read from Observations (not answer codes)."""

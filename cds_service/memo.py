@@ -1,0 +1,42 @@
+"""Answers remembered across calls by a digest of what was asked, never its content."""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+from collections import OrderedDict
+
+
+def digest(text: str) -> bytes:
+    """A 16-byte digest of `text`: a key that cannot be read back as the text."""
+    return hashlib.blake2b(text.encode(), digest_size=16).digest()
+
+
+class DigestMemo:
+    """A bounded, thread-safe map from digests to answers, oldest forgotten first.
+
+    The service keeps no patient data between calls (CRD sec-6); what it learns
+    about a resource or a coding is kept under the digest of its JSON or text.
+    """
+
+    def __init__(self, size: int):
+        self.size = size
+        self._answers: OrderedDict[bytes, object] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: bytes, default: object = None) -> object:
+        with self._lock:
+            try:
+                self._answers.move_to_end(key)
+            except KeyError:
+                return default
+            return self._answers[key]
+
+    def put(self, key: bytes, answer: object) -> None:
+        with self._lock:
+            self._answers[key] = answer
+            if len(self._answers) > self.size:
+                self._answers.popitem(last=False)
+
+    def __len__(self) -> int:
+        return len(self._answers)
