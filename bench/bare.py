@@ -41,8 +41,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=Settings.threads)
     args = parser.parse_args()
-    settings = Settings(port=args.port, workers=args.workers, log_level="WARNING")
+    settings = Settings(
+        port=args.port, workers=args.workers, threads=args.threads, log_level="WARNING"
+    )
 
     class Bare(BaseApplication):
         def load_config(self):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import logging
 import sys
@@ -121,7 +122,12 @@ def serve(args: argparse.Namespace) -> int:
             from cds_service import create_app
 
             configure_logging(settings)
-            return create_app(settings, guideline=guideline)
+            app = create_app(settings, guideline=guideline)
+            # What start-up built (models, rules, value sets) lives as long as the
+            # worker: kept out of the collector's full passes, which would
+            # otherwise walk it all every few hundred calls.
+            gc.freeze()
+            return app
 
     logger.info(
         "serving on http://%s:%s with %d workers",
@@ -144,7 +150,7 @@ def gunicorn_options(settings: Settings) -> dict[str, object]:
         # Threads keep a worker answering while another call waits on the
         # EHR's FHIR server.
         "worker_class": "gthread",
-        "threads": 4,
+        "threads": settings.threads,
         "graceful_timeout": getattr(settings, "graceful_timeout", 30),
         "loglevel": settings.log_level.lower(),
         "accesslog": None,

@@ -29,6 +29,10 @@ class Settings:
     host: str = field(default="127.0.0.1", metadata={"help": "address to listen on"})
     port: int = field(default=8080, metadata={"help": "port to listen on"})
     workers: int = field(default=2, metadata={"help": "WSGI worker processes"})
+    threads: int = field(
+        default=4,
+        metadata={"help": "threads per worker: calls one worker answers at once"},
+    )
     public_url: str = field(
         default="",
         metadata={

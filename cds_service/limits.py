@@ -7,6 +7,8 @@ import logging
 from flask import Flask, Request, request
 from werkzeug.exceptions import BadRequest, RequestEntityTooLarge
 
+from cds_service import cpu
+
 logger = logging.getLogger(__name__)
 
 
@@ -52,12 +54,20 @@ def init_app(app: Flask) -> None:
     """Check the body of every JSON call once, after authentication, before views.
 
     Call after `auth.init_app` so that an unauthenticated body is never read. The
-    parsed body is cached, so the view's own `get_json` costs nothing more.
+    parsed body is cached, so the view's own `get_json` costs nothing more. From
+    the parse to the end of the call the call holds the process's CPU slot.
     """
     app.request_class = BoundedRequest
 
     def check_body() -> None:
         if request.method == "POST" and request.is_json:
+            # Read from the socket first: a slow client never holds the slot.
+            request.get_data()
+            cpu.slot.acquire()
             request.get_json(silent=True)
 
+    def leave_slot(_error: BaseException | None) -> None:
+        cpu.slot.release()
+
     app.before_request(check_body)
+    app.teardown_request(leave_slot)

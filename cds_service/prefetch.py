@@ -12,6 +12,7 @@ import requests
 from requests.adapters import HTTPAdapter
 from urllib3.util.retry import Retry
 
+from cds_service import cpu
 from cds_service.config import Settings
 from cds_service.errors import Issue, ServiceError
 from cds_service.hook_request import HookRequest
@@ -214,7 +215,9 @@ class FhirFetcher:
             key: self.executor.submit(self._search, url, headers, deadline)
             for key, url in urls.items()
         }
-        wait(futures.values(), timeout=self.settings.fhir_deadline)
+        # Other calls compute while this one waits on the EHR.
+        with cpu.slot.released():
+            wait(futures.values(), timeout=self.settings.fhir_deadline)
 
         results = {}
         for key, future in futures.items():
