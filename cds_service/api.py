@@ -139,17 +139,21 @@ def call_service(service_id: str):
         outcome = f"refused-{status}"
         raise
     finally:
-        logger.info(
-            "hook call",
-            extra={
-                "hookInstance": hook_instance,
-                "service": service.id,
-                "hook": service.hook,
-                "status": status,
-                "outcome": outcome,
-                "duration_ms": round((time.perf_counter() - started) * 1000, 1),
-            },
-        )
+        fields = {
+            "hookInstance": hook_instance,
+            "service": service.id,
+            "hook": service.hook,
+            "status": status,
+            "outcome": outcome,
+            "duration_ms": round((time.perf_counter() - started) * 1000, 1),
+        }
+        level = logging.INFO
+        if g.get("unverified"):
+            # Authentication is off: the call's one line is the warning auth owes.
+            fields["auth"] = "off"
+            level = logging.WARNING
+            g.unverified_reported = True
+        logger.log(level, "hook call", extra=fields)
 
 
 def _json_body() -> object:

@@ -9,7 +9,7 @@ from typing import Protocol
 import jwt
 from cryptography.hazmat.primitives.asymmetric.ec import EllipticCurvePublicKey
 from cryptography.hazmat.primitives.asymmetric.rsa import RSAPublicKey
-from flask import Flask, Response, current_app, request
+from flask import Flask, Response, current_app, g, request
 
 from .config import Settings
 from .jwks import (
@@ -215,7 +215,8 @@ def init_app(
             "AUTHENTICATION IS OFF (PAIN_CDS_AUTH=off or --no-auth): any caller is "
             "served; use only for development"
         )
-        app.before_request(_warn_unverified)
+        app.before_request(_mark_unverified)
+        app.teardown_request(_warn_unverified)
         return
 
     verifier = verifier_from_settings(settings, replay_cache)
@@ -256,8 +257,15 @@ def _store_of(app: Flask) -> ReplayCache | None:
     return store if hasattr(store, "remember_jti") else None
 
 
-def _warn_unverified() -> None:
+def _mark_unverified() -> None:
     if request.method != "OPTIONS" and request.path not in PUBLIC_PATHS:
+        g.unverified = True
+
+
+def _warn_unverified(_error: BaseException | None) -> None:
+    # A hook call's own log line carries the warning (api.call_service), so that
+    # a call is one line; every other unverified call gets this one.
+    if g.get("unverified") and not g.get("unverified_reported"):
         logger.warning(
             "unauthenticated call served (authentication is off)",
             extra={"path": request.path, "auth": "off"},

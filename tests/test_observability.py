@@ -225,7 +225,11 @@ def test_a_hook_call_is_one_json_line_without_token_or_patient(json_log, guideli
     assert call["service"] == SIGN
     assert call["status"] == 200
     assert isinstance(call["duration_ms"], float)
-    assert call["level"] == "INFO"
+    # Authentication is off here: the call's one line is also its warning.
+    assert (call["level"], call["auth"]) == ("WARNING", "off")
+    assert [
+        line for line in lines if line["message"].startswith("unauthenticated")
+    ] == []
     assert call["logger"] == "cds_service.api"
     assert call["time"].endswith("+00:00")
     text = json_log.getvalue()
