@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import uuid
 
+from cds_service.memo import canonical_json
 from cds_service.model import Determination
 
 COVERAGE_INFORMATION_URL = (
@@ -79,5 +79,4 @@ def assertion_id(*parts: str) -> str:
 
 
 def _digest(content: object) -> str:
-    text = json.dumps(content, sort_keys=True, separators=(",", ":"), default=str)
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+    return hashlib.sha256(canonical_json(content).encode("utf-8")).hexdigest()

@@ -184,7 +184,10 @@ def _answer(
         _check_orders_are_for_the_patient(hook_request, judged)
         values = current.fetcher.gather(hook_request, current.prefetch)
         record = build_record(
-            values, guideline.is_relevant, patient_id=hook_request.patient_id
+            values,
+            guideline.is_relevant,
+            patient_id=hook_request.patient_id,
+            answers=guideline.relevance_answers,
         )
         determinations = guideline.evaluate(
             record, orders, on=current.evaluation_date or _today()

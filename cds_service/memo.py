@@ -3,8 +3,20 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import threading
 from collections import OrderedDict
+
+# Built once: json.dumps with options builds a new encoder on every call. What is
+# encoded is parsed JSON or values the service built, never circular.
+_CANONICAL = json.JSONEncoder(
+    sort_keys=True, separators=(",", ":"), default=str, check_circular=False
+)
+
+
+def canonical_json(value: object) -> str:
+    """`value` as JSON with sorted keys and no spaces: equal content, equal text."""
+    return _CANONICAL.encode(value)
 
 
 def digest(text: str) -> bytes:

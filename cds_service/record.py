@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import functools
-import json
 import logging
 import re
 from collections.abc import Callable
@@ -15,7 +14,7 @@ from pydantic import ValidationError
 
 from cds_service.fhir_dates import first_date, is_naive_datetime, parse_date
 from cds_service.guideline.schema import answer_values
-from cds_service.memo import DigestMemo, digest
+from cds_service.memo import DigestMemo, canonical_json, digest
 from cds_service.model import (
     CodeSystem,
     Coding,
@@ -84,6 +83,7 @@ def build_record(
     values: dict[DataCategory, object],
     is_relevant: Callable[[Coding], bool],
     patient_id: str | None = None,
+    answers: dict | None = None,
 ) -> PatientRecord:
     """The facts in `values`, keeping only resources some criterion reads.
 
@@ -96,10 +96,13 @@ def build_record(
     as complete: a failed or `Incomplete` value, or a resource some criterion
     would read that fails validation. Resources about another patient than
     `patient_id` are left out.
+
+    `answers`, kept by the caller from call to call for the same `is_relevant`
+    (the guideline keeps one), remembers the answer for each raw coding.
     """
     record = PatientRecord(patient_id=patient_id)
     seen: set[tuple[str, str]] = set()
-    relevant = _RelevanceMemo(is_relevant)
+    relevant = _RelevanceMemo(is_relevant, answers)
     partial: dict[DataCategory, list[str]] = {}
     others = 0
     for category, value in values.items():
@@ -264,28 +267,33 @@ def _raw_codings(concept: object) -> list[dict]:
 
 
 class _RelevanceMemo:
-    """`is_relevant` of raw codings, asked once per distinct coding in a call.
+    """`is_relevant` of raw codings, asked once per distinct coding.
 
-    A long history repeats a handful of codes (vital signs at every visit), so
-    after the first few resources each question is one dictionary lookup.
+    A long history repeats a handful of codes (vital signs at every visit), and
+    calls repeat them too, so after the first few resources each question is one
+    dictionary lookup. Only the coding (system, code, display: the vocabulary,
+    never a resource, reference, date or value) is a key.
     """
 
-    def __init__(self, is_relevant: Callable[[Coding], bool]):
+    # Distinct codings seen; past this many (a client sending made-up codes) the
+    # answers are forgotten and gathered again.
+    LIMIT = 20_000
+
+    def __init__(self, is_relevant: Callable[[Coding], bool], answers=None):
         self.is_relevant = is_relevant
-        self.answers: dict[tuple, bool] = {}
+        self.answers: dict[tuple, bool] = {} if answers is None else answers
 
     def __call__(self, item: dict) -> bool:
         key = (item.get("system"), item["code"], item.get("display"))
         try:
             return self.answers[key]
         except KeyError:
-            answer = self.answers[key] = self._ask(item)
+            if len(self.answers) >= self.LIMIT:
+                self.answers.clear()
+            answer = self.answers[key] = self.is_relevant(coding_of(item))
             return answer
         except TypeError:  # an unhashable system or display: asked, not kept
-            return self._ask(item)
-
-    def _ask(self, item: dict) -> bool:
-        return self.is_relevant(coding_of(item))
+            return self.is_relevant(coding_of(item))
 
 
 def validated(resource: dict) -> dict | None:
@@ -339,8 +347,8 @@ _known_valid = DigestMemo(size=8192)
 
 def _digest(resource: dict) -> bytes | None:
     try:
-        text = json.dumps(resource, sort_keys=True, separators=(",", ":"))
-    except (TypeError, ValueError):
+        text = canonical_json(resource)
+    except (TypeError, ValueError, RecursionError):
         return None
     return digest(text)
 

@@ -26,6 +26,7 @@ class RecordingGuideline:
 
     def __init__(self):
         self.records = []
+        self.relevance_answers = {}
 
     def covers(self, coding):
         return coding == Coding(coding.system, coding.code) and (

@@ -373,3 +373,27 @@ def test_a_resource_changed_since_it_validated_is_checked_again(caplog):
         f"skipped invalid Condition/{broken['id']}: 1 validation error(s), "
         "first at onsetDateTime"
     )
+
+
+def test_relevance_of_a_coding_is_asked_once_across_calls():
+    # The guideline keeps the answers from call to call: a second call with the
+    # same history asks nothing, and only codings (never resources) are keys.
+    bundle = realdata(EDWARD)
+    values = {DataCategory.OBSERVATIONS: as_searchset(bundle, "Observation")}
+    asked = []
+
+    def is_relevant(coding: Coding) -> bool:
+        asked.append(coding.code)
+        return coding.code == "72514-3"
+
+    answers: dict = {}
+    first = build_record(copy.deepcopy(values), is_relevant, answers=answers)
+    distinct = len(asked)
+    again = build_record(copy.deepcopy(values), is_relevant, answers=answers)
+
+    assert distinct == len(set(asked)) == len(answers) > 0
+    assert len(asked) == distinct  # nothing asked the second time
+    assert [o.value for o in again.observations] == [
+        o.value for o in first.observations
+    ]
+    assert all(len(key) == 3 and isinstance(key[1], str) for key in answers)

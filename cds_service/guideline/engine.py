@@ -18,7 +18,6 @@ from cds_service.guideline.schema import (
     load_valuesets,
 )
 from cds_service.guideline.valuesets import ValueSet, normalize_code
-from cds_service.memo import DigestMemo, digest
 from cds_service.model import (
     CodeSystem,
     Coding,
@@ -62,7 +61,10 @@ class Guideline:
             title="every code a criterion reads",
             entries=tuple(e for vs in valuesets.values() for e in vs.entries),
         )
-        self._relevance = DigestMemo(size=16_384)
+        # The record builder's answers for raw codings, kept from call to call:
+        # matching a display against the ingredient names costs more than the
+        # rest of the question, and the answer never changes.
+        self.relevance_answers: dict = {}
 
     @classmethod
     def load(cls, rules_dir=None, valuesets_dir=None) -> Guideline:
@@ -86,18 +88,10 @@ class Guideline:
         return self.procedure_code(coding) is not None
 
     def is_relevant(self, coding: Coding) -> bool:
-        """Could a criterion read a resource carrying this coding?
-
-        Asked for each distinct coding of every call; matching a display against
-        the ingredient names costs more than the rest of the question, and the
-        answer never changes, so it is kept under the coding's digest.
-        """
-        key = digest(repr((coding.system, coding.code, coding.display)))
-        answer = self._relevance.get(key)
-        if answer is None:
-            answer = self.covers(coding) or self._relevant.match((coding,)) is not None
-            self._relevance.put(key, answer)
-        return answer
+        """Could a criterion read a resource carrying this coding?"""
+        if self.covers(coding):
+            return True
+        return self._relevant.match((coding,)) is not None
 
     def observation_codes(self) -> list[Coding]:
         """LOINC codes the criteria read from Observations (not answer codes)."""
