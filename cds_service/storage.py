@@ -498,7 +498,9 @@ class AuditWriter:
                     target=self._run, name="pain-cds-audit", daemon=True
                 )
                 self._thread.start()
-            elif waiting >= self.batch:
+            elif waiting == 1 or waiting >= self.batch:
+                # The first row wakes the idle thread, which then gathers for
+                # `interval`; a full batch cuts the gathering short.
                 self._wake.notify()
         if waiting >= self.max_pending:
             self.flush()

@@ -230,6 +230,22 @@ def test_queued_rows_are_written_without_anyone_asking(store):
     assert [row["status"] for row in rows] == [200, 200, 200]
 
 
+def test_a_row_after_a_quiet_spell_is_written_within_the_interval(store):
+    # The thread has written the first row and sleeps until the next one comes.
+    writer = storage.AuditWriter(store, interval=0.05)
+    reader = _reader(store)
+    writer.put(_entry(1))
+    assert len(_wait_for_rows(reader, 1)) == 1
+    time.sleep(0.3)
+
+    writer.put(_entry(2))
+    started = time.monotonic()
+    rows = _wait_for_rows(reader, 2, seconds=3.0)
+
+    assert [row["hook_instance"] for row in rows] == [HI[1], HI[2]]
+    assert time.monotonic() - started < 1.0
+
+
 def test_many_calls_share_one_commit_in_the_order_they_came(store, monkeypatch):
     commits = []
     write = store.record_calls
