@@ -98,10 +98,14 @@ class FhirFetcher:
             # A Retry-After of minutes would outlive the deadline; retry early instead.
             respect_retry_after_header=False,
         )
-        adapter = HTTPAdapter(max_retries=retry, pool_maxsize=16)
+        # Every call a worker answers at once may be fetching all its queries: a
+        # smaller pool would queue one call's queries behind another's, past the
+        # deadline, and judge it on data it never asked for.
+        size = max(1, settings.threads) * len(QUERIES)
+        adapter = HTTPAdapter(max_retries=retry, pool_maxsize=size)
         self.session.mount("http://", adapter)
         self.session.mount("https://", adapter)
-        self.executor = ThreadPoolExecutor(max_workers=8, thread_name_prefix="fhir")
+        self.executor = ThreadPoolExecutor(max_workers=size, thread_name_prefix="fhir")
 
     def may_query(self, fhir_server: str) -> bool:
         """Whether `fhir_server` starts with one of the configured base URLs.

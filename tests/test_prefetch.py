@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import json
+import threading
+import time
 from datetime import date
 from urllib.parse import parse_qs, urlsplit
 
 import pytest
+import requests
 import responses
+from conftest import spine_request
 
 from cds_service import create_app
 from cds_service.model import CodeSystem, Coding, DataCategory
+from cds_service.prefetch import QUERIES
 
 FHIR = "https://ehr.example.org/fhir"
 SIGN = "/cds-services/pain-management-order-sign"
@@ -552,3 +557,38 @@ def test_fallback_fetch_gives_the_same_answer_as_prefetch(client, fhir_stub):
     assert visible(by_fetch) == visible(by_prefetch)
     assert len(fhir_stub.calls) == 9  # patient, and two pages of each search
     assert {c.headers["Authorization"] for c in fhir_stub.calls} == {"Bearer t0k3n"}
+
+
+def test_calls_fetching_at_once_each_get_all_their_queries_in_time(
+    live_server, fhir_stub
+):
+    # Four calls of one worker fetch every key at once from an EHR that answers
+    # each query after 0.7 s: every query of every call must start at once (a
+    # shared pool too small for them queued some past the 2 s deadline).
+    body = spine_request(fhir_stub.url)
+    expected = requests.post(live_server.url + SIGN, json=body, timeout=10).json()
+    patient_id = body["context"]["patientId"]
+    for key, (_, template) in QUERIES.items():
+        route = template.split("?")[0].replace("{{context.patientId}}", patient_id)
+        value = body["prefetch"].get(key) or {
+            "resourceType": "Bundle",
+            "type": "searchset",
+            "entry": [],
+        }
+        fhir_stub.reply(route, body=value, delay=0.7)
+    del body["prefetch"]
+    answers: list[dict] = []
+
+    def call() -> None:
+        response = requests.post(live_server.url + SIGN, json=body, timeout=10)
+        answers.append(response.json())
+
+    callers = [threading.Thread(target=call) for _ in range(4)]
+    started = time.monotonic()
+    for caller in callers:
+        caller.start()
+    for caller in callers:
+        caller.join(timeout=10)
+
+    assert answers == [expected] * 4
+    assert time.monotonic() - started < 1.9
