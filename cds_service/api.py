@@ -31,6 +31,7 @@ from cds_service.orders import orders_from_bundle
 from cds_service.prefetch import FhirFetcher
 from cds_service.record import build_record
 from cds_service.references import other_patient_element
+from cds_service.storage import safe_hook_instance
 
 logger = logging.getLogger(__name__)
 
@@ -125,8 +126,10 @@ def call_service(service_id: str):
     hook_instance, status, outcome = None, 500, "error"
     try:
         body = _json_body()
-        if isinstance(body, dict) and isinstance(body.get("hookInstance"), str):
-            hook_instance = body["hookInstance"][:100]
+        if isinstance(body, dict):
+            # Only a uuid (as CDS Hooks says it is) reaches the log: a client may
+            # put anything in the field, a patient's name included.
+            hook_instance = safe_hook_instance(body.get("hookInstance"))
         hook_request = load_hook_request(body, service.hook, state().prefetch)
         response, determinations = _answer(hook_request, service)
         status = 200

@@ -240,6 +240,22 @@ def test_a_hook_call_is_one_json_line_without_token_or_patient(json_log, guideli
         assert name["family"] not in text
 
 
+def test_a_hook_instance_that_is_not_a_uuid_is_not_logged(json_log, guideline):
+    settings = Settings(
+        auth=False, database_url="sqlite://", evaluation_date=EVALUATION_DATE
+    )
+    client = create_app(settings, guideline=guideline).test_client()
+    body = spine_request("http://127.0.0.1:9/fhir")
+    body["hookInstance"] = "Zebediah Quuxlington born 1961-07-14"
+
+    assert client.post(f"/cds-services/{SIGN}", json=body).status_code == 200
+
+    lines = [json.loads(line) for line in json_log.getvalue().splitlines()]
+    [call] = [line for line in lines if line["message"] == "hook call"]
+    assert (call["hookInstance"], call["status"]) == (None, 200)
+    assert "Quuxlington" not in json_log.getvalue()
+
+
 def test_secrets_are_scrubbed_from_messages_arguments_and_extras(json_log):
     logging.getLogger("cds_service.test").warning(
         "refused %s from %s",
