@@ -278,6 +278,15 @@ def spine_request(fhir_server: str, cpt: str = "62323") -> dict:
     return body
 
 
+def slow_conditions_request(fhir_stub, delay: float) -> dict:
+    """`spine_request` without prefetched conditions, which the stub EHR answers
+    (with none) after `delay` seconds."""
+    fhir_stub.reply("Condition", body=_searchset([]), delay=delay)
+    body = spine_request(fhir_stub.url)
+    del body["prefetch"]["conditions"]
+    return body
+
+
 def _searchset(entries: list) -> dict:
     return {"resourceType": "Bundle", "type": "searchset", "entry": entries}
 

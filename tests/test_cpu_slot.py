@@ -6,7 +6,7 @@ import threading
 import time
 
 import requests
-from conftest import spine_request
+from conftest import slow_conditions_request, spine_request
 
 from cds_service import cpu
 
@@ -38,13 +38,7 @@ def test_a_call_waiting_on_the_ehr_lets_other_calls_compute(live_server, fhir_st
     # Conditions are not prefetched and the EHR answers them after 0.8 s (within
     # the test server's 1 s timeout); a call with complete prefetch, sent
     # meanwhile, must not wait for the slow one.
-    fhir_stub.reply(
-        "Condition",
-        body={"resourceType": "Bundle", "type": "searchset", "entry": []},
-        delay=0.8,
-    )
-    slow_body = spine_request(fhir_stub.url)
-    del slow_body["prefetch"]["conditions"]
+    slow_body = slow_conditions_request(fhir_stub, delay=0.8)
     finished: dict[str, float] = {}
     started = time.monotonic()
 

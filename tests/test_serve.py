@@ -8,7 +8,7 @@ import time
 
 import pytest
 import requests
-from conftest import EVALUATION_DATE, spine_request
+from conftest import EVALUATION_DATE, slow_conditions_request, spine_request
 
 from cds_service import create_app
 from cds_service.config import Settings
@@ -37,13 +37,7 @@ def test_a_call_in_flight_at_sigterm_is_answered(serve_process, fhir_stub, tmp_p
     server = serve_process(_env(tmp_path))
     server.wait_ready()
     # The client did not prefetch conditions: the worker asks the (slow) EHR server.
-    fhir_stub.reply(
-        "Condition",
-        body={"resourceType": "Bundle", "type": "searchset", "entry": []},
-        delay=3.0,
-    )
-    body = spine_request(fhir_stub.url)
-    del body["prefetch"]["conditions"]
+    body = slow_conditions_request(fhir_stub, delay=3.0)
 
     answer: dict = {}
 
