@@ -276,8 +276,11 @@ class _RelevanceMemo:
     """
 
     # Distinct codings seen; past this many (a client sending made-up codes) the
-    # answers are forgotten and gathered again.
+    # answers are forgotten and gathered again. A coding with text longer than any
+    # vocabulary's is asked every time, never kept, so that what is kept stays
+    # within LIMIT x KEPT_TEXT characters whatever callers send.
     LIMIT = 20_000
+    KEPT_TEXT = 512
 
     def __init__(self, is_relevant: Callable[[Coding], bool], answers=None):
         self.is_relevant = is_relevant
@@ -288,9 +291,12 @@ class _RelevanceMemo:
         try:
             return self.answers[key]
         except KeyError:
+            answer = self.is_relevant(coding_of(item))
+            if sum(len(part) for part in key if isinstance(part, str)) > self.KEPT_TEXT:
+                return answer
             if len(self.answers) >= self.LIMIT:
                 self.answers.clear()
-            answer = self.answers[key] = self.is_relevant(coding_of(item))
+            self.answers[key] = answer
             return answer
         except TypeError:  # an unhashable system or display: asked, not kept
             return self.is_relevant(coding_of(item))

@@ -397,3 +397,27 @@ def test_relevance_of_a_coding_is_asked_once_across_calls():
         o.value for o in first.observations
     ]
     assert all(len(key) == 3 and isinstance(key[1], str) for key in answers)
+
+
+def test_a_coding_with_text_no_vocabulary_has_is_asked_but_not_kept():
+    # Kept answers are bounded in size: a made-up display of a megabyte per call
+    # must not pile up in the process from call to call.
+    def heart_rate(display: str) -> dict:
+        coding = {"system": "http://loinc.org", "code": "8867-4", "display": display}
+        return {
+            "resourceType": "Observation",
+            "status": "final",
+            "code": {"coding": [coding]},
+        }
+
+    asked = []
+    answers: dict = {}
+    for display in ("x" * 10**6, "Heart rate"):
+        build_record(
+            {DataCategory.OBSERVATIONS: heart_rate(display)},
+            lambda coding: asked.append(len(coding.display)) or False,
+            answers=answers,
+        )
+
+    assert asked == [10**6, len("Heart rate")]
+    assert answers == {("http://loinc.org", "8867-4", "Heart rate"): False}
