@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import logging
 from datetime import date
 
@@ -230,7 +229,9 @@ def _detail(code: str, value: str) -> dict:
 
 def _with_extension(resource: dict, extension: dict) -> dict:
     """The order echoed with the same id, changing only our extension (resp-37)."""
-    updated = copy.deepcopy(resource)
+    # Only the top-level `extension` list is replaced, so the rest of the order is
+    # shared with the request, never changed, not copied.
+    updated = dict(resource)
     coverage = _value(extension, "coverage")
     kept = [
         ext

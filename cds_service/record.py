@@ -14,7 +14,7 @@ from pydantic import ValidationError
 
 from cds_service.fhir_dates import first_date, is_naive_datetime, parse_date
 from cds_service.guideline.schema import answer_values
-from cds_service.memo import DigestMemo, canonical_json, digest
+from cds_service.memo import DigestMemo, digest
 from cds_service.model import (
     CodeSystem,
     Coding,
@@ -352,11 +352,14 @@ _known_valid = DigestMemo(size=8192)
 
 
 def _digest(resource: dict) -> bytes | None:
+    # The repr of parsed JSON names its content unambiguously (strings quoted and
+    # escaped, 1 and 1.0 and True apart) in the order the client sent it, at a
+    # third of the cost of canonical JSON; a resource resent with its keys in
+    # another order is only validated again.
     try:
-        text = canonical_json(resource)
-    except (TypeError, ValueError, RecursionError):
+        return digest(repr(resource))
+    except RecursionError:
         return None
-    return digest(text)
 
 
 # The lookup imports the model's module on every call; the classes never change.

@@ -204,9 +204,11 @@ def test_update_echoes_the_order_and_adds_only_the_extension(kit):
     order = kit.order(
         extension=[{"url": "http://example.org/other", "valueString": "x"}]
     )
+    sent = copy.deepcopy(order.resource)
     determination = kit.facet_documented(order)
     [action] = respond(kit, [determination])["systemActions"]
     resource = action["resource"]
+    assert order.resource == sent  # the request's order itself is left as it came
     assert resource["id"] == "sr-1" and resource["resourceType"] == "ServiceRequest"
     without = copy.deepcopy(resource)
     without["extension"] = [e for e in without["extension"] if e["url"] != URL]
