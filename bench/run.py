@@ -1,6 +1,6 @@
 """The pain-cds benchmark: one table of the speed figures (README, Performance).
 
-Run `python bench/run.py` from the checkout (about three minutes on two cores);
+Run `python bench/run.py` from the checkout (about five minutes on two cores);
 `--only inprocess,fallback` runs some sections, `--json FILE` keeps the figures.
 It is not a test: nothing here asserts a time, and CI does not run it.
 """
