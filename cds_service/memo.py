@@ -49,6 +49,3 @@ class DigestMemo:
             self._answers[key] = answer
             if len(self._answers) > self.size:
                 self._answers.popitem(last=False)
-
-    def __len__(self) -> int:
-        return len(self._answers)
