@@ -102,36 +102,60 @@ def build_record(
     """
     record = PatientRecord(patient_id=patient_id)
     seen: set[tuple[str, str]] = set()
-    relevant = _RelevanceMemo(is_relevant, answers)
+    screen = _Screen(is_relevant, answers)
     partial: dict[DataCategory, list[str]] = {}
     others = 0
+    # The own subject is recognised by one comparison; only other references go
+    # through the reference pattern.
+    own = f"Patient/{patient_id}" if patient_id else None
     for category, value in values.items():
         parts = value if isinstance(value, tuple) else (value,)
         complete = True
+        coded = 0
         for part in parts:
             if isinstance(part, Incomplete):
                 partial.setdefault(category, []).append(part.reason)
                 part = part.value
             resources, ok = _unpack(part)
             complete = complete and ok
+            # Run for every resource of a long history, most of which no criterion
+            # reads: the loop stays inline and asks nothing twice.
             for resource in resources:
-                if other_patient_element(resource, patient_id):
+                subject = resource.get("subject")
+                if (
+                    own is None
+                    or not isinstance(subject, dict)
+                    or subject.get("reference") != own
+                ) and other_patient_element(resource, patient_id):
                     others += 1
                     continue
-                identity = (resource["resourceType"], resource.get("id"))
-                if isinstance(identity[1], str):
-                    if identity in seen:
+                resource_type = resource["resourceType"]
+                identity = resource.get("id")
+                if isinstance(identity, str):
+                    key = (resource_type, identity)
+                    if key in seen:
                         continue
-                    seen.add(identity)
-                codings = _raw_codings_read(resource)
-                if codings:
-                    count = record.received_coded.get(category, 0)
-                    record.received_coded[category] = count + 1
-                if not _add(record, resource, codings, relevant):
-                    skipped = _CATEGORY_OF_TYPE[resource["resourceType"]]
+                    seen.add(key)
+                has_codes, read = screen(resource, resource_type)
+                if has_codes:
+                    coded += 1
+                if resource_type == "Patient":
+                    if record.patient_id is None and isinstance(identity, str):
+                        record.patient_id = identity
+                elif resource_type not in _CATEGORY_OF_TYPE:
+                    continue
+                # Judged on the raw codings, before any model is built: validating
+                # a resource costs some 20 times parsing it, and most of a long
+                # history is never read.
+                elif (read or resource_type == "Coverage") and not _add(
+                    record, resource
+                ):
+                    skipped = _CATEGORY_OF_TYPE[resource_type]
                     partial.setdefault(skipped, []).append(
-                        f"an invalid {resource['resourceType']} was skipped"
+                        f"an invalid {resource_type} was skipped"
                     )
+        if coded:
+            record.received_coded[category] = coded
         if complete:
             record.retrieved.add(category)
         else:
@@ -201,21 +225,10 @@ def _summary(outcome: dict) -> str:
     )
 
 
-def _add(record: PatientRecord, resource: dict, codings: list[dict], relevant) -> bool:
-    """Add the resource's fact; False when a resource a criterion would read is
-    invalid and so left out (its category is then incomplete)."""
+def _add(record: PatientRecord, resource: dict) -> bool:
+    """Add the fact of a resource some criterion reads; False when it is invalid
+    and so left out (its category is then incomplete)."""
     resource_type = resource["resourceType"]
-    if resource_type == "Patient":
-        if record.patient_id is None and isinstance(resource.get("id"), str):
-            record.patient_id = resource["id"]
-        return True
-    if resource_type not in _CATEGORY_OF_TYPE:
-        return True
-    # Judged on the raw codings, before any model is built: validating a resource
-    # costs some 20 times parsing it, and most of a long history is never read.
-    if resource_type != "Coverage" and not any(map(relevant, codings)):
-        return True
-
     valid = validated(resource)
     if valid is None:
         return False
@@ -233,49 +246,25 @@ def _add(record: PatientRecord, resource: dict, codings: list[dict], relevant) -
     return True
 
 
-def _raw_codings_read(resource: dict) -> list[dict]:
-    """The raw codings (with a code) by which a criterion could find this resource."""
-    resource_type = resource["resourceType"]
-    if resource_type == "Observation":
-        found = _raw_codings(resource.get("code"))
-        for component in _as_list(resource.get("component")):
-            if isinstance(component, dict):
-                found += _raw_codings(component.get("code"))
-        return found
-    if resource_type in ("MedicationRequest", "MedicationStatement"):
-        return _raw_codings(_medication_concept(resource))
-    return _raw_codings(resource.get("code"))
+_NO_CODES = (False, False)
 
 
-def _raw_codings(concept: object) -> list[dict]:
-    """The items of `concept.coding` that `codings_of` would keep."""
-    if not isinstance(concept, dict):
-        return []
-    raw = concept.get("coding")
-    if isinstance(raw, dict):
-        raw = [raw]
-    elif not isinstance(raw, list):
-        return []
-    # Run for every resource of a long history: one pass, no helper calls.
-    found = []
-    for item in raw:
-        if isinstance(item, dict):
-            code = item.get("code")
-            if isinstance(code, str) and code.strip():
-                found.append(item)
-    return found
+class _Screen:
+    """Whether a raw resource carries codings, and whether a criterion reads one.
 
-
-class _RelevanceMemo:
-    """`is_relevant` of raw codings, asked once per distinct coding.
+    `(has codes, read)`: the codings are those `codings_of` would keep (a code that
+    is a non-blank string), the ones a criterion could find the resource by: the
+    code of a Condition, Procedure or Observation (and its components) and the
+    medication of a MedicationRequest or MedicationStatement.
 
     A long history repeats a handful of codes (vital signs at every visit), and
-    calls repeat them too, so after the first few resources each question is one
-    dictionary lookup. Only the coding (system, code, display: the vocabulary,
-    never a resource, reference, date or value) is a key.
+    calls repeat them too, so each coding is asked once and its answer kept; after
+    the first few resources each question is one dictionary lookup. Only the
+    coding (system, code, display: the vocabulary, never a resource, reference,
+    date or value) is a key.
     """
 
-    # Distinct codings seen; past this many (a client sending made-up codes) the
+    # Distinct codings kept; past this many (a client sending made-up codes) the
     # answers are forgotten and gathered again. A coding with text longer than any
     # vocabulary's is asked every time, never kept, so that what is kept stays
     # within LIMIT x KEPT_TEXT characters whatever callers send.
@@ -286,20 +275,64 @@ class _RelevanceMemo:
         self.is_relevant = is_relevant
         self.answers: dict[tuple, bool] = {} if answers is None else answers
 
-    def __call__(self, item: dict) -> bool:
-        key = (item.get("system"), item["code"], item.get("display"))
+    def __call__(self, resource: dict, resource_type: str) -> tuple[bool, bool]:
+        if resource_type == "Observation":
+            has_codes, read = self.concept(resource.get("code"))
+            components = resource.get("component")
+            if read or not components:
+                return has_codes, read
+            for component in _as_list(components):
+                if isinstance(component, dict):
+                    found = self.concept(component.get("code"))
+                    if found[1]:
+                        return found
+                    has_codes = has_codes or found[0]
+            return has_codes, False
+        if resource_type in ("MedicationRequest", "MedicationStatement"):
+            return self.concept(_medication_concept(resource))
+        return self.concept(resource.get("code"))
+
+    def concept(self, concept: object) -> tuple[bool, bool]:
+        if not isinstance(concept, dict):
+            return _NO_CODES
+        raw = concept.get("coding")
+        if isinstance(raw, dict):
+            raw = (raw,)
+        elif not isinstance(raw, list):
+            return _NO_CODES
+        has_codes = False
+        answers = self.answers
+        for item in raw:
+            # Only usable codings are kept, so a kept answer needs no checking.
+            try:
+                answer = answers[
+                    (item.get("system"), item.get("code"), item.get("display"))
+                ]
+            except (KeyError, TypeError, AttributeError):
+                answer = self.ask(item)
+            if answer:
+                return True, True
+            has_codes = has_codes or answer is not None
+        return has_codes, False
+
+    def ask(self, item: object) -> bool | None:
+        """`is_relevant` of one raw coding; None when it is not a usable coding."""
+        if not isinstance(item, dict):
+            return None
+        code = item.get("code")
+        if not isinstance(code, str) or not code.strip():
+            return None
+        answer = self.is_relevant(coding_of(item))
+        key = (item.get("system"), code, item.get("display"))
         try:
-            return self.answers[key]
-        except KeyError:
-            answer = self.is_relevant(coding_of(item))
-            if sum(len(part) for part in key if isinstance(part, str)) > self.KEPT_TEXT:
-                return answer
-            if len(self.answers) >= self.LIMIT:
-                self.answers.clear()
-            self.answers[key] = answer
-            return answer
+            size = sum(len(part) for part in key if isinstance(part, str))
+            if size <= self.KEPT_TEXT:
+                if len(self.answers) >= self.LIMIT:
+                    self.answers.clear()
+                self.answers[key] = answer
         except TypeError:  # an unhashable system or display: asked, not kept
-            return self.is_relevant(coding_of(item))
+            pass
+        return answer
 
 
 def validated(resource: dict) -> dict | None:
