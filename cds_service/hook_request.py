@@ -139,10 +139,10 @@ class HookRequestSchema(_Lenient):
     )
     fhirAuthorization = fields.Nested(FhirAuthorizationSchema, allow_none=True)
     context = fields.Nested(OrderContextSchema, required=True)
-    prefetch = fields.Dict(
-        keys=fields.Str(), values=fields.Raw(allow_none=True), allow_none=True
-    )
-    extension = fields.Dict(keys=fields.Str(), allow_none=True)
+    # JSON object keys are strings and prefetch values are checked against their
+    # templates below, so the mappings are taken as they are, not walked key by key.
+    prefetch = fields.Dict(allow_none=True)
+    extension = fields.Dict(allow_none=True)
 
     @validates_schema(skip_on_field_errors=False)
     def _token_needs_server(self, data, **kwargs):
