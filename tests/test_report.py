@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import pytest
 
@@ -144,8 +144,12 @@ def test_report_window(store):
     fill(store)
     calls = store.calls(since=DAY.replace(minute=5), until=DAY.replace(minute=7))
     assert [c["hook_instance"][-2:] for c in calls] == ["05", "06"]
-    feedback = store.feedback_items(since=DAY.replace(hour=23))
-    assert feedback == []
+    # Feedback is windowed by when it was received: the store stamps it now.
+    received = store.feedback_items()
+    later = max(item["received_at"] for item in received) + timedelta(seconds=1)
+    assert len(received) == 5
+    assert store.feedback_items(since=later) == []
+    assert len(store.feedback_items(until=later)) == 5
 
 
 def test_report_window_flags(store, capsys):
