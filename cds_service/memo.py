@@ -19,9 +19,10 @@ def canonical_json(value: object) -> str:
     return _CANONICAL.encode(value)
 
 
-def digest(text: str) -> bytes:
-    """A 16-byte digest of `text`: a key that cannot be read back as the text."""
-    return hashlib.blake2b(text.encode(), digest_size=16).digest()
+def digest(content: str | bytes) -> bytes:
+    """A 16-byte digest of `content`: a key that cannot be read back as it."""
+    data = content.encode() if isinstance(content, str) else content
+    return hashlib.blake2b(data, digest_size=16).digest()
 
 
 class DigestMemo:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Iterable
 from dataclasses import replace
@@ -67,10 +68,28 @@ def codings_of(concept: object) -> tuple[Coding, ...]:
 
 def coding_of(item: dict) -> Coding:
     """One raw coding whose `code` is a non-blank string, as a `Coding`."""
-    uri = item.get("system") if isinstance(item.get("system"), str) else ""
-    system = normalize_system(uri) or uri
-    display = item.get("display") if isinstance(item.get("display"), str) else None
-    return Coding(system=system, code=item["code"].strip(), display=display)
+    uri, display = item.get("system"), item.get("display")
+    uri = uri if isinstance(uri, str) else ""
+    display = display if isinstance(display, str) else None
+    code = item["code"]
+    if len(uri) + len(code) + len(display or "") > KEPT_CODING_TEXT:
+        return _coding(uri, code, display)
+    return _kept_coding(uri, code, display)
+
+
+# Codings are vocabulary, and a record repeats a few of them: each distinct one is
+# built once. Text longer than any vocabulary's is built every time, never kept, so
+# that what is kept stays small whatever callers send.
+KEPT_CODING_TEXT = 512
+
+
+def _coding(uri: str, code: str, display: str | None) -> Coding:
+    return Coding(
+        system=normalize_system(uri) or uri, code=code.strip(), display=display
+    )
+
+
+_kept_coding = functools.lru_cache(maxsize=4096)(_coding)
 
 
 def concept_text(concept: object, codings: tuple[Coding, ...] = ()) -> str | None:
