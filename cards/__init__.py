@@ -9,7 +9,7 @@ from cards.coverage_information import (
     check_coverage_information,
     coverage_actions,
 )
-from cards.identity import order_fingerprint
+from cards.identity import determination_key, order_fingerprint
 from cards.options import (
     CONFIGURATION_OPTIONS,
     CardMemory,
@@ -49,13 +49,20 @@ def build_response(
     """
     determinations = list(determinations)
     fingerprints = [order_fingerprint(d.order.resource) for d in determinations]
+    # A card's uuid and the order's coverage-assertion id both hash the determination;
+    # a key made for a card is reused for the assertion.
+    keys: list[str | None] = [None] * len(determinations)
 
     candidates: list[tuple[int, dict, IssuedCard | None]] = []
-    for determination, fingerprint in zip(determinations, fingerprints, strict=True):
+    for index, determination in enumerate(determinations):
         problem = decisive_problem(determination)
         if problem is None or not options.wants(problem.card_type):
             continue
-        card = order_card(determination, problem, fingerprint, options, all_orders)
+        fingerprint = fingerprints[index]
+        keys[index] = key = determination_key(determination)
+        card = order_card(
+            determination, problem, fingerprint, options, all_orders, key=key
+        )
         if any(card["uuid"] == other["uuid"] for _, other, _ in candidates):
             continue  # the same order listed twice in draftOrders: one card
         issued = IssuedCard(
@@ -76,7 +83,11 @@ def build_response(
     response: dict = {"cards": [card for _, card, _ in kept]}
     if options.wants("coverage-info"):
         actions = coverage_actions(
-            determinations, fingerprints, hook=hook, unavailable=set(unavailable)
+            determinations,
+            fingerprints,
+            hook=hook,
+            unavailable=set(unavailable),
+            keys=keys,
         )
         if actions:
             response["systemActions"] = actions

@@ -37,6 +37,7 @@ def coverage_actions(
     *,
     hook: str,
     unavailable: set[DataCategory],
+    keys: list[str | None] | None = None,
 ) -> list[dict]:
     """One `update` systemAction per judged order (CRD resp-29, resp-37).
 
@@ -44,17 +45,21 @@ def coverage_actions(
     element is 1..1, and plain CDS Hooks clients (the sandbox) never send a
     Coverage, so asserting "not covered" for them would be false. CRD clients
     always send the primary Coverage (dev-28), and an inactive one is answered
-    `not-covered` with reason `no-active-coverage` (CRD resp-44).
+    `not-covered` with reason `no-active-coverage` (CRD resp-44). `keys` are the
+    determinations' `determination_key`s where the caller already has them.
     """
     actions, extensions, seen = [], [], set()
-    for determination, fingerprint in zip(determinations, fingerprints, strict=True):
+    keys = keys or [None] * len(determinations)
+    for determination, fingerprint, key in zip(
+        determinations, fingerprints, keys, strict=True
+    ):
         # A draftOrders Bundle may list one order twice; it gets one assertion.
         if determination.order.reference in seen:
             continue
         seen.add(determination.order.reference)
         try:
             extension = coverage_information(
-                determination, fingerprint, hook=hook, unavailable=unavailable
+                determination, fingerprint, hook=hook, unavailable=unavailable, key=key
             )
         except CoverageInformationError:
             # A bug, never sent: the cards still go out, the order gets no action.
@@ -88,26 +93,33 @@ def coverage_information(
     *,
     hook: str,
     unavailable: set[DataCategory] = frozenset(),
+    key: str | None = None,
 ) -> dict | None:
-    """The coverage-information extension for one determination, checked."""
+    """The coverage-information extension for one determination, checked.
+
+    `key` is the determination's `determination_key`, when the caller has it.
+    """
     coverage = determination.coverage
     if coverage is None:
         return None
 
-    on = determination.evaluated_on
-    covered, reasons = _covered_and_reasons(determination, coverage, unavailable)
+    on = determination.evaluated_on.isoformat()
+    failing = [r for r in determination.failing if not r.data_unavailable]
+    covered, reasons = _covered_and_reasons(
+        determination, coverage, failing, unavailable
+    )
     sub = [
         {"url": "coverage", "valueReference": {"reference": coverage.reference}},
-        {"url": "covered", "valueCode": covered},
+        {"url": "covered", "valueCode": covered.value},
     ]
-    if covered != Outcome.NOT_COVERED.value:
+    if covered is not Outcome.NOT_COVERED:
         sub.append({"url": "pa-needed", "valueCode": PA_NEEDED})
-    if covered == Outcome.CONDITIONAL.value and hook == ORDER_SIGN:
+    if covered is Outcome.CONDITIONAL and hook == ORDER_SIGN:
         # Only order-sign may ask for documentation (CRD hook-19 forbids it on
         # order-select): clinical notes, to go with the prior authorization.
         sub.append({"url": "doc-needed", "valueCode": "clinical"})
         sub.append({"url": "doc-purpose", "valueCode": "withpa"})
-    if covered == Outcome.CONDITIONAL.value:
+    if covered is Outcome.CONDITIONAL:
         sub.append({"url": "info-needed", "valueCode": "OTH"})
     coding = determination.billing_code
     sub.append(
@@ -117,16 +129,15 @@ def coverage_information(
         }
     )
     sub += [{"url": "reason", "valueCodeableConcept": r} for r in reasons]
-    instructions = _instructions(determination, covered)
+    instructions = _instructions(failing) if covered is Outcome.CONDITIONAL else None
     if instructions:
         sub.append(_detail("instructions", instructions))
-    sub.append({"url": "date", "valueDate": on.isoformat()})
+    sub.append({"url": "date", "valueDate": on})
+    key = key or determination_key(determination)
     sub.append(
         {
             "url": "coverage-assertion-id",
-            "valueString": assertion_id(
-                fingerprint, determination_key(determination), hook, on.isoformat()
-            ),
+            "valueString": assertion_id(fingerprint, key, hook, on),
         }
     )
     extension = {"url": COVERAGE_INFORMATION_URL, "extension": sub}
@@ -137,29 +148,33 @@ def coverage_information(
 
 
 def _covered_and_reasons(
-    determination: Determination, coverage: CoverageFact, unavailable
-) -> tuple[str, list[dict]]:
+    determination: Determination, coverage: CoverageFact, failing, unavailable
+) -> tuple[Outcome, list[dict]]:
+    """The `covered` value and its reasons.
+
+    `failing`: the criteria not met or not documented, less those left undocumented
+    only because data could not be retrieved.
+    """
     if not coverage_active(coverage, determination.evaluated_on):
-        return Outcome.NOT_COVERED.value, [
+        return Outcome.NOT_COVERED, [
             _reason("no-active-coverage", "Coverage not active", None)
         ]
     outcome = determination.outcome
-    failing = [r for r in determination.failing if not r.data_unavailable]
     if outcome is Outcome.INDETERMINATE:
         missing = [c.value for c in DataCategory if c in unavailable]
         text = "Patient data could not be retrieved"
         if missing:
             text += ": " + ", ".join(missing)
-        return outcome.value, [_reason("technical", "Technical issues", text)]
+        return outcome, [_reason("technical", "Technical issues", text)]
     if outcome is Outcome.NOT_COVERED:
         texts = [name_criterion(r) for r in failing if r.state is State.NOT_MET]
         text = "Not covered under the Pain Management guideline: " + "; ".join(
             texts or [name_criterion(r) for r in failing]
         )
-        return outcome.value, [{"text": text}]
+        return outcome, [{"text": text}]
     if outcome is Outcome.CONDITIONAL:
-        return outcome.value, [{"text": _conditional_reason(determination, failing)}]
-    return outcome.value, []
+        return outcome, [{"text": _conditional_reason(determination, failing)}]
+    return outcome, []
 
 
 def _conditional_reason(determination: Determination, failing) -> str:
@@ -175,14 +190,8 @@ def _conditional_reason(determination: Determination, failing) -> str:
     return ". ".join(parts) or "Coverage depends on the guideline criteria"
 
 
-def _instructions(determination: Determination, covered: str) -> str | None:
-    if covered != Outcome.CONDITIONAL.value:
-        return None
-    missing = [
-        name_criterion(r)
-        for r in determination.failing
-        if r.state is State.NOT_DOCUMENTED and not r.data_unavailable
-    ]
+def _instructions(failing) -> str | None:
+    missing = [name_criterion(r) for r in failing if r.state is State.NOT_DOCUMENTED]
     if not missing:
         return None
     return (
@@ -249,8 +258,18 @@ def _with_extension(resource: dict, extension: dict) -> dict:
 def _value(extension: dict, url: str):
     for sub in extension.get("extension") or []:
         if sub.get("url") == url:
-            return next((v for k, v in sub.items() if k.startswith("value")), None)
+            return _value_of(sub, None)
     return None
+
+
+def _value_of(sub: dict, default):
+    """The sub-extension's value[x], whatever its type."""
+    # A loop, not next() over a generator: this runs for every sub-extension of
+    # every assertion checked, and the generator costs more than the search.
+    for key, value in sub.items():
+        if key.startswith("value"):
+            return value
+    return default
 
 
 # --- CRD rules ---------------------------------------------------------------------
@@ -293,9 +312,7 @@ def check_coverage_information(extension: dict) -> list[str]:
     subs = extension.get("extension") or []
     values: dict[str, list] = {}
     for sub in subs:
-        values.setdefault(sub.get("url"), []).append(
-            next((v for k, v in sub.items() if k.startswith("value")), sub)
-        )
+        values.setdefault(sub.get("url"), []).append(_value_of(sub, sub))
     for url in _ONE:
         if len(values.get(url, [])) != 1:
             problems.append(f"{url} must appear exactly once")

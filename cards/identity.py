@@ -43,17 +43,19 @@ def determination_key(determination: Determination) -> str:
     same way tomorrow is the same card.
     """
     coverage = determination.coverage.reference if determination.coverage else None
+    # Outcome, Role and State are str enums, which JSON writes as their values;
+    # reading `.value`, an enum property, twice per criterion cost as much as the hash.
     content = {
         "rule_set": determination.rule_set,
         "code": [determination.billing_code.system, determination.billing_code.code],
-        "outcome": determination.outcome.value,
+        "outcome": determination.outcome,
         "manual_review": determination.manual_review,
         "coverage": coverage,
         "results": [
             [
                 result.criterion_id,
-                result.role.value,
-                result.state.value,
+                result.role,
+                result.state,
                 result.data_unavailable,
                 [
                     [e.reference, e.date.isoformat() if e.date else None, e.value]

@@ -135,12 +135,13 @@ class CardOptions:
         ones are ignored and a value of the wrong type is ignored (the default
         holds) rather than failing the call.
         """
-        options = cls(memory=memory)
-        if settings is not None:
-            options = replace(
-                options,
+        if settings is None:
+            options = cls(memory=memory)
+        else:
+            options = cls(
                 plan_name=getattr(settings, "plan_name", None) or DEFAULT_PLAN_NAME,
                 guideline_url=getattr(settings, "guideline_url", None) or None,
+                memory=memory,
             )
         configuration = (extension or {}).get("davinci-crd.configuration")
         if configuration is None:

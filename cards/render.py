@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import functools
 import logging
 import re
 from collections.abc import Iterable
@@ -82,10 +83,9 @@ def decisive_problem(determination: Determination) -> Problem | None:
     documented" only because data could not be retrieved belong to the
     data-unavailable card, not to a documentation reminder.
     """
+    all_failing = determination.failing  # a property that builds a new tuple
     failing = [
-        r
-        for r in determination.failing
-        if not r.data_unavailable and r.role is not Role.REVIEW
+        r for r in all_failing if not r.data_unavailable and r.role is not Role.REVIEW
     ]
     not_met = [r for r in failing if r.state is State.NOT_MET]
     groups = (
@@ -98,14 +98,12 @@ def decisive_problem(determination: Determination) -> Problem | None:
         if results:
             return _problem(kind, results)
     review = [
-        r
-        for r in determination.failing
-        if r.role is Role.REVIEW and not r.data_unavailable
+        r for r in all_failing if r.role is Role.REVIEW and not r.data_unavailable
     ]
     if determination.manual_review or review:
         return _problem("review", review)
-    if determination.outcome is Outcome.COVERED and not determination.failing:
-        return _problem("documented", [])
+    if determination.outcome is Outcome.COVERED and not all_failing:
+        return _DOCUMENTED
     return None
 
 
@@ -121,15 +119,24 @@ def _problem(kind: str, results: Iterable[CriterionResult]) -> Problem:
     return Problem(kind, card_type, indicator, priority, results)
 
 
+# The same for every fully documented order (most calls): made once.
+_DOCUMENTED = _problem("documented", ())
+
+
 def order_card(
     determination: Determination,
     problem: Problem,
     fingerprint: str,
     options: CardOptions,
     all_orders: list[Order],
+    key: str | None = None,
 ) -> dict:
-    """The card for one order and its decisive problem."""
-    uuid = card_uuid(problem.kind, fingerprint, determination_key(determination))
+    """The card for one order and its decisive problem.
+
+    `key` is the determination's `determination_key`, when the caller has it.
+    """
+    key = key or determination_key(determination)
+    uuid = card_uuid(problem.kind, fingerprint, key)
     label = content.order_label(determination.order, determination.billing_code)
     alternative = _image_guided_alternative(determination, problem)
 
@@ -168,6 +175,8 @@ def data_card(
     It matters for an order whose criteria it left unchecked, and for an order
     left without coverage information because the Coverage could not be had.
     """
+    if not unavailable:
+        return None
     coverage_lost = DataCategory.COVERAGE in unavailable
     unchecked = [d for d in determinations if _data_unchecked(d)]
     affected = [
@@ -175,7 +184,7 @@ def data_card(
         for d in determinations
         if _data_unchecked(d) or (coverage_lost and d.coverage is None)
     ]
-    if not unavailable or not affected:
+    if not affected:
         return None
 
     categories = [c for c in DataCategory if c in unavailable]
@@ -368,11 +377,7 @@ def _detail(
     readings = [r for r in problem.results if r.reading]
     if readings:
         lines += [""]
-        lines += [
-            f"*How the plan reads \u201c{_escape(r.text)}\u201d:* "
-            f"{_escape(clinical_reading(r.reading))}"
-            for r in readings
-        ]
+        lines += [_how_the_plan_reads(r.text, r.reading) for r in readings]
     others = [o for o in all_orders if o.reference != determination.order.reference]
     if others:
         # CRD dev-24: a card about only some of the orders names them.
@@ -383,6 +388,22 @@ def _detail(
             f"({_escape(determination.order.reference)}) only, not about {names}.",
         ]
     return "\n".join(lines)
+
+
+# Criterion texts, sections and readings come from the rule files, never from the
+# request: these hold guideline text only, a hundred or so entries, each escaped
+# once rather than on every call.
+@functools.lru_cache(maxsize=512)
+def _criterion_cell(text: str, section: str) -> str:
+    return _escape(f"{text} ({section})")
+
+
+@functools.lru_cache(maxsize=512)
+def _how_the_plan_reads(text: str, reading: str) -> str:
+    return (
+        f"*How the plan reads \u201c{_escape(text)}\u201d:* "
+        f"{_escape(clinical_reading(reading))}"
+    )
 
 
 def _row(result: CriterionResult) -> str:
@@ -401,7 +422,7 @@ def _row(result: CriterionResult) -> str:
     why = _escape(result.explanation or "")
     if pieces:
         why = f"{why} *Evidence:* {_escape('; '.join(pieces))}".strip()
-    criterion = _escape(f"{result.text} ({result.section})")
+    criterion = _criterion_cell(result.text, result.section)
     return f"| {criterion} | {status} | {why or '-'} |"
 
 
@@ -526,14 +547,29 @@ def _with_code(order: Order, code: str) -> dict:
     return resource
 
 
+_EMPTY = (None, "", [], {})
+
+
 def prune(value):
     """Drop None and empty values: CDS Hooks forbids null, "", [] and {}."""
+    # Only containers recurse: a card holds dozens of strings (more with an order
+    # echoed in a suggestion), and a call per string doubled the cost.
     if isinstance(value, dict):
-        pruned = {k: prune(v) for k, v in value.items()}
-        return {k: v for k, v in pruned.items() if v not in (None, "", [], {})}
+        pruned = {}
+        for key, item in value.items():
+            if isinstance(item, (dict, list)):
+                item = prune(item)
+            if item not in _EMPTY:
+                pruned[key] = item
+        return pruned
     if isinstance(value, list):
-        pruned = [prune(v) for v in value]
-        return [v for v in pruned if v not in (None, "", [], {})]
+        kept = []
+        for item in value:
+            if isinstance(item, (dict, list)):
+                item = prune(item)
+            if item not in _EMPTY:
+                kept.append(item)
+        return kept
     return value
 
 
