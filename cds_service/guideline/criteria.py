@@ -6,10 +6,12 @@ import logging
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import date
+from functools import cached_property
 from typing import TYPE_CHECKING
 
 from marshmallow import Schema
 
+from cds_service.guideline.valuesets import match_any
 from cds_service.model import (
     ConditionFact,
     DataCategory,
@@ -31,6 +33,11 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 
+# What the `not` kind makes of a state: met and not met swap; not documented
+# stays, since the absence of data proves neither.
+NEGATED = {State.MET: State.NOT_MET, State.NOT_MET: State.MET}
+
+
 @dataclass(frozen=True)
 class Criterion:
     """One rule as read from a rule file, with value sets already resolved."""
@@ -42,6 +49,8 @@ class Criterion:
     kind: str
     params: dict
     raw_params: dict
+    # The kind's evaluator, looked up once when the rule is loaded.
+    evaluator: Evaluator = field(compare=False, repr=False)
     reading: str | None = None
     codes: frozenset[str] | None = None  # only these codes of the section, if set
     sections: tuple[str, ...] = ()  # for rules shared across sections
@@ -55,6 +64,19 @@ class Criterion:
         if self.effective_from and on < self.effective_from:
             return False
         return not (self.effective_until and on > self.effective_until)
+
+    @cached_property
+    def gate(self) -> tuple[Criterion, State]:
+        """This criterion as a gate (applies_when, applies_unless): the criterion to
+        evaluate and the state in which the gate holds.
+
+        Only a gate's state is read, so a `not` gate asks its inner criterion for
+        the state that NEGATED turns into met, and no negated finding is built.
+        """
+        if self.kind == "not":
+            (inner,) = self.params["criteria"]
+            return inner, State.NOT_MET
+        return self, State.MET
 
 
 @dataclass(frozen=True)
@@ -83,7 +105,7 @@ class Context:
 
     def evaluate(self, criterion: Criterion) -> Finding:
         """Evaluate a nested criterion (waiver, applies_when) in this context."""
-        return kind_spec(criterion.kind).evaluate(criterion.params, self)
+        return criterion.evaluator(criterion.params, self)
 
 
 Evaluator = Callable[[dict, Context], Finding]
@@ -146,6 +168,8 @@ INVALID_MEDICATION = frozenset(
 
 def unavailable(ctx: Context, *categories: DataCategory) -> Finding | None:
     """A not-documented finding when any category could not be retrieved."""
+    if not ctx.record.unavailable:  # the usual case, asked by most criteria
+        return None
     missing = [c.value for c in categories if c in ctx.record.unavailable]
     if not missing:
         return None
@@ -192,12 +216,12 @@ class ConditionMatches:
 def match_conditions(ctx: Context, valuesets: Iterable[ValueSet]) -> ConditionMatches:
     """Conditions coded in any of the value sets, split into current and ignored."""
     valuesets = tuple(valuesets)
-    key = ("conditions", tuple(vs.id for vs in valuesets))
+    key = ("conditions", *[vs.id for vs in valuesets])
     if key in ctx.cache:
         return ctx.cache[key]
     result = ConditionMatches()
     for cond in ctx.record.conditions:
-        if not any(vs.match(cond.codings) for vs in valuesets):
+        if not match_any(valuesets, cond.codings):
             continue
         reason = condition_ignored_because(cond, ctx.on)
         if reason:

@@ -389,6 +389,7 @@ def build_criterion(
         kind=data["kind"],
         params=params,
         raw_params=data["params"],
+        evaluator=spec.evaluate,
         reading=data["reading"],
         codes=frozenset(data["codes"]) if data["codes"] is not None else None,
         sections=tuple(data["sections"]) if data["sections"] else (),

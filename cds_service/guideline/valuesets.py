@@ -70,12 +70,19 @@ def normalize_system(uri: str | None) -> str | None:
 _ICD_CLEAN = re.compile(r"[\s.]")
 
 
+_UPPER_CASE_SYSTEMS = frozenset({CodeSystem.CPT, CodeSystem.HCPCS, CodeSystem.LOINC})
+
+
 def normalize_code(system: str, code: str) -> str:
     """Canonical form of a code for lookup: trimmed; ICD-10-CM upper-case, dotless."""
     code = code.strip()
     if system == CodeSystem.ICD10CM:
+        # Most codes are letters and digits around one dot; the regex is for the rest.
+        dotless = code.replace(".", "")
+        if dotless.isalnum():
+            return dotless.upper()
         return _ICD_CLEAN.sub("", code).upper()
-    if system in (CodeSystem.CPT, CodeSystem.HCPCS, CodeSystem.LOINC):
+    if system in _UPPER_CASE_SYSTEMS:
         return code.upper()
     return code
 
@@ -115,6 +122,12 @@ class ValueSet:
     source: str | None = None
     _exact: dict[str, set[str]] = field(default_factory=dict, repr=False)
     _prefixes: dict[str, set[str]] = field(default_factory=dict, repr=False)
+    # Per system: exact codes, prefixes and the lengths of the prefixes, so that
+    # `contains` makes one lookup for the system and slices the code only to the
+    # lengths an entry could equal.
+    _lookup: dict[str, tuple[set[str], set[str], tuple[int, ...]]] = field(
+        default_factory=dict, repr=False
+    )
     _name_pattern: re.Pattern | None = field(default=None, repr=False)
     _values: dict[tuple[str, str], float] = field(default_factory=dict, repr=False)
     _regions: dict[tuple[str, str, bool], str | None] = field(
@@ -133,6 +146,10 @@ class ValueSet:
                 self._regions[(entry.system, code, entry.prefix)] = entry.region
             if entry.name:
                 names.append(re.escape(entry.name.strip().lower()))
+        for system in self._exact.keys() | self._prefixes.keys():
+            prefixes = self._prefixes.get(system, set())
+            lengths = tuple(sorted({len(p) for p in prefixes if p}))
+            self._lookup[system] = (self._exact.get(system, set()), prefixes, lengths)
         if names:
             # Product-level RxCUIs cannot be mapped to ingredients offline, so the
             # ingredient name as a whole word in the display or text also matches.
@@ -144,14 +161,18 @@ class ValueSet:
 
     def contains(self, coding: Coding) -> bool:
         """True when the coding's code (not its display) is in the set."""
+        lookup = self._lookup.get(coding.system)
+        if lookup is None:
+            return False
         code = normalize_code(coding.system, coding.code or "")
         if not code:
             return False
-        if code in self._exact.get(coding.system, ()):
+        exact, prefixes, lengths = lookup
+        if code in exact:
             return True
-        prefixes = self._prefixes.get(coding.system)
-        if prefixes:
-            return any(code[:i] in prefixes for i in range(1, len(code) + 1))
+        for length in lengths:
+            if code[:length] in prefixes:
+                return True
         return False
 
     def matches_name(self, text: str | None) -> bool:
@@ -163,8 +184,9 @@ class ValueSet:
         Names are matched only for value sets that list ingredient names (RxNorm).
         """
         codings = tuple(codings)
-        if any(self.contains(c) for c in codings):
-            return "code"
+        for coding in codings:
+            if self.contains(coding):
+                return "code"
         if self._name_pattern is not None:
             if self.matches_name(text) or any(
                 self.matches_name(c.display) for c in codings
@@ -191,3 +213,11 @@ class ValueSet:
         """Numeric meaning of an answer code (LA6113-0 -> 2), if the set has one."""
         code = normalize_code(coding.system, coding.code or "")
         return self._values.get((coding.system, code))
+
+
+def match_any(valuesets: Iterable[ValueSet], codings: tuple[Coding, ...]) -> bool:
+    """Does any of the value sets match the codings (by code, or by name)?"""
+    for valueset in valuesets:
+        if valueset.match(codings):
+            return True
+    return False

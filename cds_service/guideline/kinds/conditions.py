@@ -50,7 +50,11 @@ def _current(ctx: Context, params: dict, name: str):
     valuesets = params.get(name)
     if not valuesets:
         return [], []
-    current = match_conditions(ctx, valuesets).current
+    return _by_region(ctx, params, valuesets, match_conditions(ctx, valuesets).current)
+
+
+def _by_region(ctx: Context, params: dict, valuesets, current):
+    """Current conditions split by the order's spine region, when the rule asks."""
     if not params.get("same_region"):
         return current, []
     return split_by_region(ctx, current, valuesets)
@@ -97,7 +101,7 @@ def condition_present(params: dict, ctx: Context) -> Finding:
         return missing
     wanted = _titles(params["any_of"])
     found = match_conditions(ctx, params["any_of"])
-    current, elsewhere = _current(ctx, params, "any_of")
+    current, elsewhere = _by_region(ctx, params, params["any_of"], found.current)
     note = ignored_note(found.ignored)
     if not current:
         against, _ = _current(ctx, params, "counter_evidence")
@@ -175,7 +179,7 @@ def condition_absent(params: dict, ctx: Context) -> Finding:
         return missing
     unwanted = _titles(params["any_of"])
     found = match_conditions(ctx, params["any_of"])
-    current, elsewhere = _current(ctx, params, "any_of")
+    current, elsewhere = _by_region(ctx, params, params["any_of"], found.current)
     note = ignored_note(found.ignored)
     if current:
         evidence = tuple(condition_evidence(c) for c in current)

@@ -6,12 +6,9 @@ import logging
 
 from marshmallow import Schema, fields, validate
 
-from cds_service.guideline.criteria import Context, Finding, register_kind
-from cds_service.model import State
+from cds_service.guideline.criteria import NEGATED, Context, Finding, register_kind
 
 logger = logging.getLogger(__name__)
-
-_FLIP = {State.MET: State.NOT_MET, State.NOT_MET: State.MET}
 
 
 class NotParams(Schema):
@@ -27,7 +24,7 @@ def negation(params: dict, ctx: Context) -> Finding:
     (inner,) = params["criteria"]
     found = ctx.evaluate(inner)
     return Finding(
-        _FLIP.get(found.state, found.state),
+        NEGATED.get(found.state, found.state),
         found.explanation,
         found.evidence,
         found.data_unavailable,

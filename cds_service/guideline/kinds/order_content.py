@@ -19,7 +19,7 @@ from cds_service.guideline.criteria import (
     register_kind,
     unavailable,
 )
-from cds_service.guideline.valuesets import ValueSet, normalize_system
+from cds_service.guideline.valuesets import match_any, normalize_system
 from cds_service.model import Coding, DataCategory, Evidence, Order, State
 
 logger = logging.getLogger(__name__)
@@ -323,8 +323,26 @@ class NotForIndicationParams(Schema):
     unless_any_of = fields.List(fields.String(), load_default=None)
 
 
-def _in_any(valuesets: Iterable[ValueSet], codings) -> bool:
-    return any(vs.match(codings) for vs in valuesets)
+def _reasons_given(ctx: Context) -> tuple[tuple, tuple]:
+    """The order's coded reasons (reasonCode, and the codings of the Conditions it
+    references) and those Conditions; kept for the call, as every indication rule
+    of the order asks."""
+    # Orders hold their resource, so are not hashable; each lives through the call.
+    key = ("reasons", id(ctx.order))
+    if key in ctx.cache:
+        return ctx.cache[key]
+    reasons = order_reasons(ctx.order)
+    linked = []
+    references = order_reason_references(ctx.order)
+    if references:
+        by_ref = {c.reference: c for c in ctx.record.conditions}
+        for ref in references:
+            cond = by_ref.get(ref)
+            if cond is not None and cond.codings:
+                reasons.append(cond.codings)
+                linked.append(cond)
+    ctx.cache[key] = found = (tuple(reasons), tuple(linked))
+    return found
 
 
 @register_kind(
@@ -344,16 +362,9 @@ def not_for_indication(params: dict, ctx: Context) -> Finding:
     """
     excluded = params["any_of"]
     wanted = " or ".join(vs.title for vs in excluded)
-    reasons = list(order_reasons(ctx.order))
-    by_ref = {c.reference: c for c in ctx.record.conditions}
-    linked = []
-    for ref in order_reason_references(ctx.order):
-        cond = by_ref.get(ref)
-        if cond is not None and cond.codings:
-            reasons.append(cond.codings)
-            linked.append(cond)
+    reasons, linked = _reasons_given(ctx)
     if reasons:
-        hits = [r for r in reasons if _in_any(excluded, r)]
+        hits = [r for r in reasons if match_any(excluded, r)]
         shown = "; ".join(", ".join(c.display or c.code for c in r) for r in reasons)
         evidence = tuple(condition_evidence(c) for c in linked) or (
             Evidence(f"Order reason: {shown}", ctx.order.reference),

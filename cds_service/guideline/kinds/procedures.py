@@ -111,7 +111,8 @@ def relief_after(
     highest is read as the pre score and the lowest as the post score.
     """
     day = proc.performed
-    before = [s for s in scores if day - timedelta(days=pre_days) <= s.on < day]
+    since = day - timedelta(days=pre_days)
+    before = [s for s in scores if since <= s.on < day]
     start, end = (
         day + timedelta(days=post_from_days),
         day + timedelta(days=post_to_days),
@@ -119,10 +120,11 @@ def relief_after(
     after = [s for s in scores if start <= s.on <= end]
     pre = before[-1] if before else None
     post = after[0] if after else None
-    same_day = [s for s in scores if s.on == day]
-    if pre is None and post_from_days == 0 and len(same_day) >= 2:
-        pre = max(same_day, key=lambda s: s.value)
-        post = min(same_day, key=lambda s: s.value)
+    if pre is None and post_from_days == 0:
+        same_day = [s for s in scores if s.on == day]
+        if len(same_day) >= 2:
+            pre = max(same_day, key=lambda s: s.value)
+            post = min(same_day, key=lambda s: s.value)
     text = " ".join(
         [proc.outcome_text or ""] + [c.display or "" for c in proc.outcome_codings]
     ).lower()
