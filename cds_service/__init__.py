@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from datetime import date
 
-from flask import Flask
+from flask import Flask, request
 from flask_cors import CORS
 
 from cds_service.config import Settings
@@ -40,15 +40,7 @@ def create_app(settings: Settings | None = None, guideline=None) -> Flask:
         discovery_extension=cards.discovery_extension,
     )
 
-    # Browsers (the CDS Hooks sandbox) preflight every call because it carries an
-    # Authorization header; errors need the CORS headers too, so apply to all paths.
-    CORS(
-        app,
-        resources={r"/*": {"origins": settings.cors_origins}},
-        allow_headers=["Authorization", "Content-Type"],
-        methods=["GET", "POST", "OPTIONS"],
-        max_age=600,
-    )
+    _allow_browsers(app, settings)
     register_error_handlers(app)
     app.register_blueprint(api.blueprint)
 
@@ -72,6 +64,39 @@ def create_app(settings: Settings | None = None, guideline=None) -> Flask:
     health.init_app(app)
     metrics.init_app(app)
     return app
+
+
+def _allow_browsers(app: Flask, settings: Settings) -> None:
+    """CORS (flask-cors) for browser clients such as the CDS Hooks sandbox.
+
+    Browsers preflight every call because it carries an Authorization header, and
+    errors need the CORS headers too, so every path has them. A POST without an
+    Origin header is answered without the CORS pass: browsers name their origin
+    on every POST (Fetch standard), so it comes from a server (an EHR, the CRD
+    test kit), which reads no CORS header, and its answer is never cached where
+    a browser could get it. GET answers (discovery) keep the headers either way.
+    """
+    registered = list(app.after_request_funcs.get(None, ()))
+    CORS(
+        app,
+        resources={r"/*": {"origins": settings.cors_origins}},
+        allow_headers=["Authorization", "Content-Type"],
+        methods=["GET", "POST", "OPTIONS"],
+        max_age=600,
+    )
+    functions = app.after_request_funcs[None]
+    for index, function in enumerate(functions):
+        if function not in registered:
+            functions[index] = _browser_calls_only(function)
+
+
+def _browser_calls_only(add_cors_headers):
+    def after_request(response):
+        if request.method == "POST" and "Origin" not in request.headers:
+            return response
+        return add_cors_headers(response)
+
+    return after_request
 
 
 def _evaluation_date(text: str) -> date | None:

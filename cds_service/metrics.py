@@ -100,6 +100,20 @@ class Metrics:
             ["query"],
         )
 
+        # Labelled series by their label values. prometheus_client checks and
+        # converts the values on every `labels` call; a hook call touches three
+        # series, each a handful of services, statuses, codes and outcomes.
+        self._series: dict[tuple, object] = {}
+
+    def series(self, metric, *values: object):
+        """`metric.labels(*values)`, looked up once per distinct label values."""
+        key = (metric, *values)
+        try:
+            return self._series[key]
+        except KeyError:
+            child = self._series[key] = metric.labels(*values)
+            return child
+
     def observe_fallback(self, results: Mapping[str, object], unavailable) -> None:
         """Count one FHIR fallback fetch: its queries and those that failed."""
         try:
@@ -149,17 +163,16 @@ def _count(current: Metrics, response: Response) -> None:
     service = SERVICES.get(service_id)
     # Unknown ids are one label, so a scanner cannot grow the series without bound.
     service_label = service.id if service else "unknown"
-    current.hook_calls.labels(
-        service_label, service.hook if service else "unknown", response.status_code
-    ).inc()
+    hook = service.hook if service else "unknown"
+    current.series(current.hook_calls, service_label, hook, response.status_code).inc()
     started = g.get("metrics_started")
     if started is not None:
-        current.hook_latency.labels(service_label).observe(
+        current.series(current.hook_latency, service_label).observe(
             time.perf_counter() - started
         )
     for determination in (g.get("audit_entry") or {}).get("determinations", []):
-        current.determinations.labels(
-            determination["code"], determination["outcome"]
+        current.series(
+            current.determinations, determination["code"], determination["outcome"]
         ).inc()
 
 

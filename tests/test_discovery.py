@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from conftest import realdata
 
 SANDBOX = "https://sandbox.cds-hooks.org"
 PREFETCH_KEYS = [
@@ -97,3 +98,21 @@ def test_error_answers_carry_cors_headers(client):
 
     assert response.status_code == 404
     assert response.headers["Access-Control-Allow-Origin"] == SANDBOX
+
+
+def test_only_browser_calls_get_cors_headers_on_hook_answers(client):
+    # A browser names its Origin on every POST; a call from an EHR's server names
+    # none and gets its answer without the CORS pass. Discovery (a GET, which a
+    # shared cache could hand to a browser) keeps the header either way.
+    body = realdata("cds-hooks-sandbox__rx-view_order-select_captured.json")
+    path = "/cds-services/pain-management-order-select"
+
+    from_server = client.post(path, json=body)
+    from_browser = client.post(path, json=body, headers={"Origin": SANDBOX})
+    discovery = client.get("/cds-services")
+
+    assert from_server.status_code == from_browser.status_code == 200
+    assert from_server.json == from_browser.json
+    assert "Access-Control-Allow-Origin" not in from_server.headers
+    assert from_browser.headers["Access-Control-Allow-Origin"] == SANDBOX
+    assert discovery.headers["Access-Control-Allow-Origin"] == "*"
