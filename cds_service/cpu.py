@@ -18,10 +18,12 @@ from contextlib import contextmanager
 
 
 class CpuSlot:
-    """A semaphore each thread holds at most once, released where it waits."""
+    """A lock each thread holds at most once, released where it waits."""
 
-    def __init__(self, size: int = 1):
-        self._semaphore = threading.BoundedSemaphore(size)
+    def __init__(self):
+        # A lock, not a semaphore: threading's semaphores are Python code (a
+        # condition and its list of waiters), taken and given back on every call.
+        self._lock = threading.Lock()
         self._held = threading.local()
 
     @property
@@ -30,13 +32,13 @@ class CpuSlot:
 
     def acquire(self) -> None:
         if not self.held:
-            self._semaphore.acquire()
+            self._lock.acquire()
             self._held.value = True
 
     def release(self) -> None:
         if self.held:
             self._held.value = False
-            self._semaphore.release()
+            self._lock.release()
 
     @contextmanager
     def released(self) -> Iterator[None]:

@@ -14,9 +14,9 @@ SIGN = "/cds-services/pain-management-order-sign"
 
 
 def _slot_is_free() -> bool:
-    free = cpu.slot._semaphore.acquire(blocking=False)
+    free = cpu.slot._lock.acquire(blocking=False)
     if free:
-        cpu.slot._semaphore.release()
+        cpu.slot._lock.release()
     return free
 
 
