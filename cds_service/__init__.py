@@ -30,7 +30,6 @@ def create_app(settings: Settings | None = None, guideline=None) -> Flask:
 
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
-    app.json.sort_keys = False
     app.extensions[api.EXTENSION_KEY] = api.ServiceState(
         settings=settings,
         guideline=guideline,

@@ -136,7 +136,16 @@ def call_service(service_id: str):
         outcome = (
             ",".join(d.outcome.value for d in determinations) or "no-guideline-order"
         )
-        return jsonify(response)
+        try:
+            answer = jsonify(response)
+        except ValueError:
+            # A number such as 1e400 parses as infinity, which JSON cannot carry,
+            # and the order that holds it is echoed in the answer.
+            raise ServiceError(
+                400,
+                Issue("Request body holds a number too large for JSON", code="value"),
+            ) from None
+        return answer
     except (ServiceError, HTTPException) as error:
         status = error.status if isinstance(error, ServiceError) else error.code
         outcome = f"refused-{status}"

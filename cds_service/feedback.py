@@ -76,7 +76,12 @@ class Rfc3339UTC(fields.Field):
             raise ValidationError(
                 "must be a date-time in UTC with its zone, e.g. 2026-12-03T18:20:00Z"
             )
-        return parsed.astimezone(UTC)
+        try:
+            return parsed.astimezone(UTC)
+        except OverflowError:  # 0001-01-01T00:00:00+14:00 is before year 1 in UTC
+            raise ValidationError(
+                "must be a date-time from year 1 to 9999 in UTC"
+            ) from None
 
 
 class FeedbackItemSchema(_Base):

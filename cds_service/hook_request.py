@@ -76,9 +76,31 @@ class DraftOrdersField(fields.Dict):
                 }
             elif not isinstance(resource.get("resourceType"), str):
                 errors[index] = {"resource": {"resourceType": ["is required"]}}
+            elif wrong := _extension_errors(resource.get("extension")):
+                # The order is echoed back with our extension added (CRD
+                # coverage-information): its own extensions must be FHIR's shape.
+                errors[index] = {"resource": {"extension": wrong}}
         if errors:
             raise ValidationError({"entry": errors})
         return bundle
+
+
+def _extension_errors(extensions: object) -> list | dict:
+    """What is wrong with an `extension` element: an array of objects, each with a
+    `url`, whose own `extension` (if any) is the same."""
+    if extensions is None:
+        return []
+    if not isinstance(extensions, list):
+        return ["must be an array of extensions"]
+    errors: dict = {}
+    for index, extension in enumerate(extensions):
+        if not isinstance(extension, dict):
+            errors[index] = ["must be an extension (a JSON object)"]
+        elif not isinstance(extension.get("url"), str):
+            errors[index] = {"url": ["is required"]}
+        elif wrong := _extension_errors(extension.get("extension")):
+            errors[index] = {"extension": wrong}
+    return errors
 
 
 class OrderContextSchema(_Lenient):

@@ -1,10 +1,11 @@
-"""Request body limits: size (also for chunked uploads) and JSON nesting depth."""
+"""Request body limits: size (also for chunked uploads), JSON nesting depth, numbers."""
 
 from __future__ import annotations
 
 import logging
 
 from flask import Flask, Request, request
+from flask.json.provider import DefaultJSONProvider
 from werkzeug.exceptions import BadRequest, RequestEntityTooLarge
 
 from cds_service import cpu
@@ -50,6 +51,28 @@ class BoundedRequest(Request):
             raise NestedTooDeeply() from None
 
 
+class StrictJSONProvider(DefaultJSONProvider):
+    """JSON as RFC 8259 has it: no NaN or Infinity, read or written.
+
+    Python's json reads and writes them by default; an order echoed with one in a
+    systemAction would make the whole answer unreadable to the EHR.
+    """
+
+    sort_keys = False
+
+    def loads(self, s, **kwargs):
+        kwargs.setdefault("parse_constant", _refuse_constant)
+        return super().loads(s, **kwargs)
+
+    def dumps(self, obj, **kwargs):
+        kwargs.setdefault("allow_nan", False)
+        return super().dumps(obj, **kwargs)
+
+
+def _refuse_constant(name: str):
+    raise ValueError(f"{name} is not a JSON number")
+
+
 def init_app(app: Flask) -> None:
     """Check the body of every JSON call once, after authentication, before views.
 
@@ -58,6 +81,7 @@ def init_app(app: Flask) -> None:
     the parse to the end of the call the call holds the process's CPU slot.
     """
     app.request_class = BoundedRequest
+    app.json = StrictJSONProvider(app)
 
     def check_body() -> None:
         if request.method == "POST" and request.is_json:

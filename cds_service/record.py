@@ -189,11 +189,14 @@ def _unpack(value: object) -> tuple[list[dict], bool]:
         items = [value]
 
     resources, outcomes = [], []
+    # Entries that are not resources leave the value's data unknown, not empty.
+    malformed = not isinstance(items, list)
     for item in items if isinstance(items, list) else []:
         # A value wrapped as a Bundle entry: {"fullUrl": ..., "resource": {...}}.
         if isinstance(item, dict) and "resourceType" not in item:
             item = item.get("resource")
         if not isinstance(item, dict) or not isinstance(item.get("resourceType"), str):
+            malformed = True
             continue
         if item["resourceType"] == "OperationOutcome":
             outcomes.append(item)
@@ -203,8 +206,10 @@ def _unpack(value: object) -> tuple[list[dict], bool]:
     failed = any(_is_error(outcome) for outcome in outcomes)
     for outcome in outcomes:
         logger.info("prefetch value carries an OperationOutcome: %s", _summary(outcome))
+    if malformed:
+        logger.warning("prefetch value holds entries that are not resources")
     # An error outcome beside real results (a partial search) still yields them.
-    return resources, not (failed and not resources)
+    return resources, not (failed and not resources) and not malformed
 
 
 def _is_error(outcome: dict) -> bool:
@@ -323,16 +328,16 @@ class _Screen:
         code = item.get("code")
         if not isinstance(code, str) or not code.strip():
             return None
+        system, display = item.get("system"), item.get("display")
+        if not (isinstance(system, str | None) and isinstance(display, str | None)):
+            # Not a coding FHIR allows, and no telling what it names: read, so
+            # that validation finds it and the category counts as incomplete.
+            return True
         answer = self.is_relevant(coding_of(item))
-        key = (item.get("system"), code, item.get("display"))
-        try:
-            size = sum(len(part) for part in key if isinstance(part, str))
-            if size <= self.KEPT_TEXT:
-                if len(self.answers) >= self.LIMIT:
-                    self.answers.clear()
-                self.answers[key] = answer
-        except TypeError:  # an unhashable system or display: asked, not kept
-            pass
+        if len(code) + len(system or "") + len(display or "") <= self.KEPT_TEXT:
+            if len(self.answers) >= self.LIMIT:
+                self.answers.clear()
+            self.answers[(system, code, display)] = answer
         return answer
 
 

@@ -8,7 +8,7 @@ import uuid
 
 import pytest
 import requests
-from conftest import realdata, spine_request
+from conftest import FIXTURES, realdata, spine_request
 
 SIGN = "/cds-services/pain-management-order-sign"
 SELECT = "/cds-services/pain-management-order-select"
@@ -371,3 +371,86 @@ def test_a_null_body_is_told_to_be_an_object(client, raw):
     assert [i["diagnostics"] for i in response.get_json()["issue"]] == [
         "Request body must be a JSON object"
     ]
+
+
+# --- found by a fresh-user review ----------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "extension, named",
+    [
+        (5, "extension: must be an array of extensions"),
+        (["x"], "extension[0]: must be an extension (a JSON object)"),
+        ([{"valueString": "a"}], "extension[0].url: is required"),
+        (
+            [{"url": "http://example.org/x", "extension": [None]}],
+            "extension[0].extension[0]: must be an extension (a JSON object)",
+        ),
+    ],
+)
+def test_draft_order_extension_of_the_wrong_shape_is_400(client, extension, named):
+    # The order is echoed in the coverage-information systemAction with our
+    # extension added: its own extensions must be FHIR's shape, or the echo breaks.
+    body = spine_request("http://127.0.0.1:1/fhir")
+    body["context"]["draftOrders"]["entry"][0]["resource"]["extension"] = extension
+
+    response = client.post(SIGN, json=body)
+
+    assert response.status_code == 400
+    assert response.get_json()["issue"][0]["diagnostics"] == (
+        f"context.draftOrders.entry[0].resource.{named}"
+    )
+
+
+@pytest.mark.parametrize("number", ["NaN", "Infinity", "-Infinity"])
+def test_non_finite_number_literals_are_not_json(client, number):
+    body = json.dumps(spine_request("http://127.0.0.1:1/fhir"))
+    raw = body.replace('"status": "draft"', f'"status": "draft", "priority": {number}')
+    assert raw != body
+
+    response = client.post(SIGN, data=raw, content_type="application/json")
+
+    assert response.status_code == 400
+    assert response.get_json()["issue"][0]["diagnostics"] == (
+        "Request body is not valid JSON"
+    )
+
+
+def test_a_number_too_large_for_json_in_the_order_is_400(client):
+    # 1e400 parses as infinity; echoed in the answer it would make it unreadable.
+    body = (FIXTURES / "spine" / "esi-repeat-blind-met.json").read_text()
+    raw = body.replace(
+        '"status": "draft"',
+        '"status": "draft", "quantityQuantity": {"value": 1e400}',
+        1,
+    )
+    assert raw != body
+
+    response = client.post(SIGN, data=raw, content_type="application/json")
+
+    assert response.status_code == 400
+    assert response.get_json()["issue"][0]["diagnostics"] == (
+        "Request body holds a number too large for JSON"
+    )
+
+
+@pytest.mark.parametrize(
+    "stamp", ["0001-01-01T00:00:00+14:00", "9999-12-31T23:59:59-12:00"]
+)
+def test_feedback_time_outside_utc_years_is_400(client, stamp):
+    body = {
+        "feedback": [
+            {
+                "card": "5863b50e-0000-0000-0000-000000000000",
+                "outcome": "overridden",
+                "outcomeTimestamp": stamp,
+            }
+        ]
+    }
+
+    response = client.post(FEEDBACK, json=body)
+
+    assert response.status_code == 400
+    assert response.get_json()["issue"][0]["diagnostics"] == (
+        "feedback[0].outcomeTimestamp: must be a date-time from year 1 to 9999 in UTC"
+    )

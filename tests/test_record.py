@@ -421,3 +421,36 @@ def test_a_coding_with_text_no_vocabulary_has_is_asked_but_not_kept():
 
     assert asked == [10**6, len("Heart rate")]
     assert answers == {("http://loinc.org", "8867-4", "Heart rate"): False}
+
+
+def test_a_coding_of_the_wrong_type_is_validated_not_passed_over(caplog):
+    # A system that is not a string names nothing the screen can look up; the
+    # resource is validated, fails, and the conditions count as incomplete rather
+    # than as a record without the condition (which would let an exclusion pass).
+    condition = {
+        "resourceType": "Condition",
+        "id": "c1",
+        "code": {"coding": [{"system": 1, "code": "M79.18"}]},
+    }
+
+    with caplog.at_level(logging.WARNING, logger="cds_service.record"):
+        record = build_record({DataCategory.CONDITIONS: condition}, lambda c: False)
+
+    assert record.conditions == []
+    assert record.unavailable == {DataCategory.CONDITIONS}
+    assert caplog.messages[0].startswith("skipped invalid Condition/c1")
+
+
+@pytest.mark.parametrize(
+    "bundle",
+    [
+        {"resourceType": "Bundle", "entry": "x"},
+        {"resourceType": "Bundle", "entry": [{"resource": 1}]},
+        {"resourceType": "Bundle", "entry": [{"resource": {"resourceType": 1}}]},
+    ],
+)
+def test_bundle_entries_that_are_not_resources_leave_the_category_unknown(bundle):
+    record = build_record({DataCategory.CONDITIONS: bundle}, lambda c: True)
+
+    assert record.unavailable == {DataCategory.CONDITIONS}
+    assert record.retrieved == set()
