@@ -42,13 +42,16 @@ def build_response(
     options: CardOptions,
     unavailable: set[DataCategory],
     all_orders: list[Order],
+    patient_id: str | None = None,
 ) -> dict:
     """The response body: `{"cards": [...], "systemActions": [...]}`.
 
     Orders without a Determination (outside the guideline) get nothing.
     """
     determinations = list(determinations)
-    fingerprints = [order_fingerprint(d.order.resource) for d in determinations]
+    fingerprints = [
+        order_fingerprint(d.order.resource, patient_id) for d in determinations
+    ]
     # A card's uuid and the order's coverage-assertion id both hash the determination;
     # a key made for a card is reused for the assertion.
     keys: list[str | None] = [None] * len(determinations)

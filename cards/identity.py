@@ -16,12 +16,15 @@ COVERAGE_INFORMATION_URL = (
 NAMESPACE = uuid.UUID("6f1d2c1e-4b8a-5e0f-9a57-2d6c3f0b8e41")
 
 
-def order_fingerprint(resource: dict) -> str:
-    """A hash of the order as the clinician wrote it.
+def order_fingerprint(resource: dict, patient_id: str | None = None) -> str:
+    """A hash of the order as the clinician wrote it, for the patient it is judged for.
 
     `meta` changes on every save without the order changing, and the
     coverage-information extension is what this service adds; an EHR that stores
-    our systemAction and sends the order back must still count as "unchanged".
+    our systemAction and sends the order back must still count as "unchanged". The
+    patient is part of it: an order without a subject, sent again word for word for
+    another patient, is another order (a card accepted for one patient must not
+    silence the other's).
     """
     content = {key: value for key, value in resource.items() if key != "meta"}
     extensions = [
@@ -33,7 +36,7 @@ def order_fingerprint(resource: dict) -> str:
         content["extension"] = extensions
     else:
         content.pop("extension", None)
-    return _digest(content)
+    return _digest({"patient": patient_id, "order": content})
 
 
 def determination_key(determination: Determination) -> str:

@@ -213,6 +213,7 @@ def _answer(
         ),
         unavailable=record.unavailable,
         all_orders=orders,
+        patient_id=hook_request.patient_id,
     )
     g.audit_entry = _audit_entry(
         hook_request, service, orders, determinations, response

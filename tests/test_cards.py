@@ -116,6 +116,7 @@ def respond(kit, determinations, hook="order-sign", options=None, **kwargs):
         options=options or CardOptions(),
         unavailable=kwargs.pop("unavailable", set()),
         all_orders=orders,
+        patient_id=kwargs.pop("patient_id", None),
     )
 
 
@@ -551,6 +552,25 @@ def test_accepted_card_is_not_contradicted_for_the_same_unchanged_order(kit, sto
     # The accepted card itself does not contradict itself.
     again = respond(kit, [kit.facet_myofascial()], options=options)["cards"]
     assert [c["uuid"] for c in again] == [accepted["uuid"]]
+
+
+def test_a_card_accepted_for_one_patient_does_not_silence_another(kit, store):
+    # The same order word for word (no subject names the patient) for another
+    # patient is another order: its card is not the accepted one, and it is shown.
+    options = CardOptions(memory=store)
+    first = respond(kit, [kit.facet_myofascial()], options=options, patient_id="p1")
+    _accept(store, first["cards"][0])
+
+    other = respond(
+        kit, [kit.facet_pain_undocumented()], options=options, patient_id="p2"
+    )
+    same = respond(
+        kit, [kit.facet_pain_undocumented()], options=options, patient_id="p1"
+    )
+
+    assert len(other["cards"]) == 1
+    assert other["cards"][0]["uuid"] != first["cards"][0]["uuid"]
+    assert same["cards"] == []
 
 
 def test_a_changed_order_is_judged_afresh(kit, store):
