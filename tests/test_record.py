@@ -438,7 +438,11 @@ def test_a_coding_of_the_wrong_type_is_validated_not_passed_over(caplog):
 
     assert record.conditions == []
     assert record.unavailable == {DataCategory.CONDITIONS}
-    assert caplog.messages[0].startswith("skipped invalid Condition/c1")
+    assert caplog.messages == [
+        "skipped invalid Condition/c1: 2 validation error(s), first at "
+        "code.coding.0.system",
+        "conditions treated as unavailable: an invalid Condition was skipped",
+    ]
 
 
 @pytest.mark.parametrize(
@@ -449,8 +453,13 @@ def test_a_coding_of_the_wrong_type_is_validated_not_passed_over(caplog):
         {"resourceType": "Bundle", "entry": [{"resource": {"resourceType": 1}}]},
     ],
 )
-def test_bundle_entries_that_are_not_resources_leave_the_category_unknown(bundle):
-    record = build_record({DataCategory.CONDITIONS: bundle}, lambda c: True)
+def test_bundle_entries_that_are_not_resources_leave_the_category_unknown(
+    bundle, caplog
+):
+    with caplog.at_level(logging.WARNING, logger="cds_service.record"):
+        record = build_record({DataCategory.CONDITIONS: bundle}, lambda c: True)
 
     assert record.unavailable == {DataCategory.CONDITIONS}
     assert record.retrieved == set()
+    assert record.conditions == []
+    assert caplog.messages == ["prefetch value holds entries that are not resources"]
